@@ -1,0 +1,7 @@
+"""QDrop post-training quantization for Hugging Face models."""
+from .config import QDropConfig, QDropConfigError
+from .families import Family, UnsupportedModelError, register_family, supported_model_types
+from .quantize import quantize_model
+
+__all__ = ["QDropConfig", "QDropConfigError", "Family", "UnsupportedModelError", "register_family",
+           "supported_model_types", "quantize_model"]

@@ -1,0 +1,72 @@
+"""Calibration batches: taking them from any iterable, moving them, and feeding them to a model.
+
+A batch is what a user would feed the model: a dict of keyword tensors (tokenizer/collator output),
+a tensor, or a tuple/list whose first element is the input (an ``(images, labels)`` pair).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
+
+
+class CalibrationDataError(ValueError):
+    """The calibration data is empty or not something a model can be called on."""
+
+
+def to_device(obj: Any, device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def model_inputs(batch: Any) -> Any:
+    """Drop labels, so that calibration never computes a loss or needs labels."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return {k: v for k, v in dict(batch).items() if k not in LABEL_KEYS}
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+def batch_len(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    if not isinstance(first, torch.Tensor):
+        raise CalibrationDataError(f"calibration batches must hold tensors, got {type(first).__name__}")
+    return first.shape[0]
+
+
+def take_batches(data: Iterable, num_samples: int) -> list:
+    """The first ``num_samples`` samples of ``data`` as a list of model-input batches."""
+    batches, seen = [], 0
+    for batch in data:
+        batch = model_inputs(batch)
+        n = batch_len(batch)
+        if seen + n > num_samples:
+            keep = num_samples - seen
+            batch = {k: v[:keep] for k, v in batch.items()} if isinstance(batch, dict) else batch[:keep]
+            n = keep
+        if n:
+            batches.append(batch)
+            seen += n
+        if seen >= num_samples:
+            break
+    if not batches:
+        raise CalibrationDataError("the calibration data is empty: QDrop needs at least one sample")
+    return batches
+
+
+def run_model(model: torch.nn.Module, batch: Any, device) -> Any:
+    batch = to_device(batch, device)
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The padding mask of a text batch (1 = real token), used to keep padding out of the loss."""
+    return batch.get("attention_mask") if isinstance(batch, dict) else None

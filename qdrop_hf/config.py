@@ -1,0 +1,113 @@
+"""Every knob of the method in one validated object.
+
+The field names are the seed's command-line names, so a config is the same thing whether it comes
+from ``run_*.py`` flags, a JSON file or Python code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+ORDERS = ("before", "after", "together")
+RANGE_MODES = ("mse", "minmax")
+
+
+class QDropConfigError(ValueError):
+    """A configuration the method cannot run with; the message says which field and why."""
+
+
+@dataclass
+class QDropConfig:
+    """QDrop post-training quantization settings.
+
+    Bits, rounding and activation learning follow the QDrop paper; ``order`` and the four
+    ``wwq/waq/awq/aaq`` switches reproduce the seed's ablations:
+
+    * ``order="together"``: activation steps are initialised per block and learned jointly with the
+      AdaRound variables (QDrop and No-Drop).
+    * ``order="before"``: activation ranges are fixed before weight reconstruction (Case 2).
+    * ``order="after"``: weights are reconstructed with activations in float, activation ranges are set
+      afterwards, per block when ``waq`` (Case 3) or for the whole model at the end otherwise (Case 1).
+    * ``wwq``/``waq``: the inputs a block is reconstructed on come from the model with quantized
+      weights / activations in the blocks before it.
+    * ``awq``/``aaq``: the same for whole-model activation calibration (Case 1/2).
+    """
+
+    n_bits_w: int = 4
+    n_bits_a: int = 4
+    channel_wise: bool = True
+    act_quant: bool = True
+    order: str = "together"
+    wwq: bool = True
+    waq: bool = True
+    awq: bool = True
+    aaq: bool = True
+    weight: float = 0.01
+    prob: float = 0.5
+    input_prob: float = 0.5
+    iters_w: int = 20000
+    batch_size: int = 32
+    num_samples: int = 1024
+    lr: float = 4e-5
+    round_lr: float = 1e-3
+    warmup: float = 0.2
+    b_start: float = 20.0
+    b_end: float = 2.0
+    init_wmode: str = "mse"
+    init_amode: str = "mse"
+    disable_8bit_head_stem: bool = False
+    seed: int = 1005
+    device: str | None = None
+    keep_fp_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise QDropConfigError(f"invalid QDrop config: {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("n_bits_w", "n_bits_a"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
+                bad(name, "bits must be an integer from 2 to 8")
+        for name in ("prob", "input_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                bad(name, "a keep-probability must lie in (0, 1]; 1 means no drop")
+        if self.order not in ORDERS:
+            bad("order", f"choose one of {ORDERS}")
+        for name in ("init_wmode", "init_amode"):
+            if getattr(self, name) not in RANGE_MODES:
+                bad(name, f"choose one of {RANGE_MODES}")
+        if self.iters_w < 0:
+            bad("iters_w", "must be >= 0 (0 means round-to-nearest, no reconstruction)")
+        for name in ("batch_size", "num_samples"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if not 0.0 <= self.warmup < 1.0:
+            bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
+        if self.b_start < self.b_end or self.b_end <= 0:
+            bad("b_start", f"beta anneals from b_start down to b_end > 0 (b_end={self.b_end})")
+        for name in ("weight", "lr", "round_lr"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+
+    @property
+    def no_drop(self) -> bool:
+        return self.prob == 1.0 and self.input_prob == 1.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "QDropConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise QDropConfigError(f"unknown QDrop config fields: {unknown}")
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,82 @@
+"""Model families: which modules are reconstruction blocks and where activation quantizers sit.
+
+A family is data: module-name patterns (regular expressions searched in the dotted module name) or
+small predicates ``(name, module) -> bool``. Adding a model family is one ``Family(...)`` in one file
+and a ``register_family`` call; the reconstruction loop never names a family.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from torch import nn
+
+Matcher = Union[str, Callable[[str, nn.Module], bool], None]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's type has no registered family."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How QDrop sees one model family.
+
+    name: the family's name. model_types: HF ``config.model_type`` values, or class names of plain
+    ``nn.Module`` models. body: the reconstruction blocks. stem/head: units kept at 8 bits by default
+    (quantized layers outside every unit become single-layer units automatically). act_outputs /
+    act_inputs: modules whose output / input is activation-quantized. attention: modules that call
+    transformers' attention interface (their Q, K, V, probabilities and context get quantized).
+    prepare: in-place surgery before quantization (e.g. folding BatchNorm into convolutions).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    body: Matcher
+    stem: Matcher = None
+    head: Matcher = None
+    act_outputs: Matcher = None
+    act_inputs: Matcher = None
+    attention: Matcher = None
+    prepare: Callable[[nn.Module], None] | None = None
+
+
+def matches(spec: Matcher, name: str, module: nn.Module) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.search(spec, name) is not None
+    return bool(spec(name, module))
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for model_type in family.model_types:
+        _REGISTRY[model_type] = family
+    return family
+
+
+def model_type_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def find_family(model: nn.Module) -> Family:
+    model_type = model_type_of(model)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"qdrop_hf has no model family for model type {model_type!r}. Supported: {', '.join(sorted(_REGISTRY))}. "
+            "To add one, describe its blocks and activation points in a Family(...) and call "
+            "qdrop_hf.families.register_family (see qdrop_hf/families/bert.py for an example)."
+        )
+    return _REGISTRY[model_type]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+from . import bert, cnn  # noqa: E402,F401  (registers the built-in families)

@@ -1,0 +1,139 @@
+"""Quantized drop-in replacements for Linear, Conv2d and GPT-2's Conv1D, and a quantized attention.
+
+The layers keep their float parameters under the original names (so a float checkpoint loads into
+them unchanged) and add a ``weight_quantizer``. Activation quantizers are not part of the layers: a
+model family decides where they sit (see ``families``), and attention gets its quantizers through
+transformers' attention-function registry rather than by patching model code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+class QuantLinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, n_bits=8, channel_wise=True):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, n_bits: int, channel_wise: bool) -> "QuantLinear":
+        with torch.device("meta"):
+            q = cls(layer.in_features, layer.out_features, layer.bias is not None)
+        q.weight, q.bias = layer.weight, layer.bias
+        q.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d (grouped and depthwise included) with a per-output-channel weight quantizer."""
+
+    def __init__(self, *args, n_bits=8, channel_wise=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, n_bits: int, channel_wise: bool) -> "QuantConv2d":
+        with torch.device("meta"):
+            q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        q.weight, q.bias = conv.weight, conv.bias
+        q.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv1D(Conv1D):
+    """GPT-2 style Conv1D (weight stored [in, out]): output channels are on axis 1."""
+
+    def __init__(self, nf, nx, *, n_bits=8, channel_wise=True):
+        super().__init__(nf, nx)
+        self.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=1)
+
+    @classmethod
+    def from_float(cls, layer: Conv1D, n_bits: int, channel_wise: bool) -> "QuantConv1D":
+        with torch.device("meta"):
+            q = cls(layer.nf, layer.weight.shape[0])
+        q.weight, q.bias = layer.weight, layer.bias
+        q.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=1)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_shape = x.shape[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight_quantizer(self.weight))
+        return x.view(out_shape)
+
+
+QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}
+QuantLayer = (QuantLinear, QuantConv2d, QuantConv1D)
+
+
+def replace_layers(model: nn.Module, n_bits: int, channel_wise: bool, skip=lambda name: False) -> list[str]:
+    """Swap every float Linear/Conv2d/Conv1D (exact type) for its quantized twin; returns their names."""
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            target = QUANT_LAYERS.get(type(child))
+            if target is None or skip(name):
+                continue
+            setattr(parent, child_name, target.from_float(child, n_bits, channel_wise))
+            replaced.append(name)
+    return replaced
+
+
+class AttentionQuantizers(nn.Module):
+    """The five activation quantizers of one attention: Q, K, V, probabilities and context."""
+
+    def __init__(self, n_bits: int):
+        super().__init__()
+        self.query = ActQuantizer(n_bits)
+        self.key = ActQuantizer(n_bits)
+        self.value = ActQuantizer(n_bits)
+        self.probs = ActQuantizer(n_bits)
+        self.context = ActQuantizer(n_bits)
+
+
+def qdrop_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Scaled dot-product attention with every matmul operand activation-quantized.
+
+    Registered with transformers as ``attn_implementation="qdrop"``; the quantizers live on the
+    attention module as ``module.qdrop_attn`` (absent: it behaves as plain eager attention).
+    """
+    quant = getattr(module, "qdrop_attn", None)
+    if quant is not None:
+        query, key, value = quant.query(query), quant.key(key), quant.value(value)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    if quant is not None:
+        probs = quant.probs(probs)
+    context = torch.matmul(probs, value)
+    if quant is not None:
+        context = quant.context(context)
+    return context.transpose(1, 2).contiguous(), probs
+
+
+def register_attention() -> None:
+    """Make ``attn_implementation="qdrop"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("qdrop", qdrop_attention_forward)
+    AttentionMaskInterface.register("qdrop", ALL_MASK_ATTENTION_FUNCTIONS["eager"])

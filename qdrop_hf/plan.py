@@ -1,0 +1,150 @@
+"""Turn a float model into a fake-quantized one and list its reconstruction units in forward order.
+
+``prepare_model`` swaps layers for their quantized twins, hangs activation quantizers where the model's
+family says, and returns a ``QuantPlan``: the units (blocks, plus stem/head and stray layers as
+single units) in the order the forward pass runs them. Everything downstream works on the plan.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .batches import run_model
+from .config import QDropConfig
+from .families import Family, find_family, matches
+from .nn import AttentionQuantizers, QuantLayer, register_attention, replace_layers
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit: a block, or a single layer outside every block."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "stem", "body" or "head"
+    layers: list[nn.Module] = field(default_factory=list)
+    act_quantizers: list[ActQuantizer] = field(default_factory=list)
+
+
+@dataclass
+class QuantPlan:
+    family: Family
+    units: list[Unit]
+    free_act_quantizers: list[ActQuantizer]  # activation quantizers outside every unit
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [layer for unit in self.units for layer in unit.layers]
+
+
+def _quantize_output(module, args, output):
+    if isinstance(output, tuple):
+        return (module.qdrop_out(output[0]),) + output[1:]
+    return module.qdrop_out(output)
+
+
+def _quantize_input(module, args):
+    return (module.qdrop_in(args[0]),) + tuple(args[1:])
+
+
+def install_quantizers(model: nn.Module, family: Family, config: QDropConfig) -> None:
+    """Quantized layers and activation quantizers, with no data needed (also used when reloading)."""
+    if family.prepare is not None:
+        family.prepare(model)
+    keep = [re.compile(p) for p in config.keep_fp_modules]
+    replace_layers(model, config.n_bits_w, config.channel_wise, skip=lambda n: any(p.search(n) for p in keep))
+    has_attention = False
+    for name, module in list(model.named_modules()):
+        if matches(family.act_outputs, name, module):
+            module.qdrop_out = ActQuantizer(config.n_bits_a)
+            module.register_forward_hook(_quantize_output)
+        if matches(family.act_inputs, name, module):
+            module.qdrop_in = ActQuantizer(config.n_bits_a)
+            module.register_forward_pre_hook(_quantize_input)
+        if matches(family.attention, name, module):
+            module.qdrop_attn = AttentionQuantizers(config.n_bits_a)
+            has_attention = True
+    if has_attention:
+        register_attention()
+        model.set_attn_implementation("qdrop")
+
+
+def _find_units(model: nn.Module, family: Family) -> list[Unit]:
+    units, taken = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        for kind, spec in (("body", family.body), ("stem", family.stem), ("head", family.head)):
+            if name and matches(spec, name, module):
+                units.append(Unit(name, module, kind))
+                taken.append(name)
+                break
+    for name, module in model.named_modules():  # quantized layers that no unit covers
+        if isinstance(module, QuantLayer) and not any(name == t or name.startswith(t + ".") for t in taken):
+            units.append(Unit(name, module, "layer"))
+    return units
+
+
+@torch.no_grad()
+def _forward_order(model: nn.Module, units: list[Unit], batch, device) -> list[Unit]:
+    """Units sorted by when the forward pass first reaches them; units it never reaches are dropped."""
+    first_call: dict[int, int] = {}
+
+    def seen(i):
+        def hook(module, args):
+            first_call.setdefault(i, len(first_call))
+        return hook
+
+    hooks = [u.module.register_forward_pre_hook(seen(i)) for i, u in enumerate(units)]
+    try:
+        run_model(model, batch, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [units[i] for i in sorted(first_call, key=first_call.get)]
+
+
+def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, family: Family | None = None) -> QuantPlan:
+    family = family or find_family(model)
+    install_quantizers(model, family, config)
+    units = _forward_order(model, _find_units(model, family), example_batch, device)
+    body = [i for i, u in enumerate(units) if u.kind == "body"]
+    if not body:
+        raise ValueError(f"model family {family.name!r} found no reconstruction blocks in this model")
+    for i, unit in enumerate(units):
+        if unit.kind == "layer":
+            unit.kind = "stem" if i < body[0] else "head" if i > body[-1] else "body"
+        unit.layers = [m for m in unit.module.modules() if isinstance(m, QuantLayer)]
+        unit.act_quantizers = [m for m in unit.module.modules() if isinstance(m, ActQuantizer)]
+    in_units = {id(q) for u in units for q in u.act_quantizers}
+    free = [m for m in model.modules() if isinstance(m, ActQuantizer) and id(m) not in in_units]
+    plan = QuantPlan(family, units, free)
+    if not config.disable_8bit_head_stem:
+        _eight_bit_stem_and_head(plan)
+    return plan
+
+
+def _eight_bit_stem_and_head(plan: QuantPlan) -> None:
+    """Stem and head layers, the activations around them and the input of the head run at 8 bits."""
+    for unit in plan.units:
+        if unit.kind != "body":
+            for m in unit.module.modules():
+                if isinstance(m, (WeightQuantizer, ActQuantizer)):
+                    m.set_bits(8)
+    for q in plan.free_act_quantizers:
+        q.set_bits(8)
+    last_body = [u for u in plan.units if u.kind == "body"][-1]
+    if isinstance(getattr(last_body.module, "qdrop_out", None), ActQuantizer):
+        last_body.module.qdrop_out.set_bits(8)
+
+
+def set_quant_state(model: nn.Module, weights: bool, acts: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            m.enabled = weights
+        elif isinstance(m, ActQuantizer):
+            m.enabled = acts

@@ -1,0 +1,125 @@
+"""One call from a float model and calibration data to a QDrop-quantized model."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import batch_len, run_model, take_batches
+from .config import QDropConfig
+from .families import Family
+from .plan import QuantPlan, prepare_model, set_quant_state
+from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, observe, reconstruct_unit,
+                          run_until, unit_error)
+
+logger = logging.getLogger("qdrop_hf")
+
+
+def resolve_device(config: QDropConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropConfig | None = None,
+                   family: Family | None = None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with QDrop and return it.
+
+    ``calibration_data`` is any iterable of model-input batches (a DataLoader of tokenizer output, a
+    list of image tensors, ``(images, labels)`` pairs...); its first ``config.num_samples`` samples
+    are used and labels are ignored. The returned model runs fake-quantized (weights on their
+    integer grid, activations quantized when ``config.act_quant``) and ``model.qdrop_report`` holds
+    the per-unit errors and timings.
+    """
+    config = config or QDropConfig()
+    config.validate()
+    torch.manual_seed(config.seed)
+    device = resolve_device(config)
+    batches = take_batches(calibration_data, config.num_samples)
+    model.eval().requires_grad_(False).to(device)
+    t0 = time.perf_counter()
+    plan = prepare_model(model, config, batches[0], device, family)
+    for layer in plan.layers:
+        layer.weight_quantizer.init_range(layer.weight, config.init_wmode)
+    act_batches = _first_samples(batches, ACT_CALIB_SAMPLES)
+    report = {"units": [], "time_s": {}}
+    if config.act_quant:
+        # Activations outside every unit (embedding output, pooled features) are set once on the float model.
+        set_quant_state(model, weights=False, acts=False)
+        observe(plan.free_act_quantizers, lambda: [run_model(model, b, device) for b in act_batches], config.init_amode)
+        if config.order == "before":
+            set_quant_state(model, weights=config.awq, acts=False)
+            calibrate_model_acts(model, plan, act_batches, device, progressive=config.aaq, mode=config.init_amode)
+    report["time_s"]["init"] = time.perf_counter() - t0
+
+    units = tqdm(plan.units, desc="QDrop blocks", disable=not progress)
+    for i, unit in enumerate(units):
+        t_unit = time.perf_counter()
+        set_quant_state(model, weights=False, acts=False)
+        fp = capture(model, unit.module, batches, device, with_output=True)
+        quant = None
+        if config.wwq or config.waq:
+            set_quant_state(model, weights=config.wwq, acts=config.waq and config.act_quant)
+            quant = capture(model, unit.module, batches, device, with_output=False)
+        cache = BlockCache(fp, quant).merged(config.batch_size)
+        del fp, quant
+        acts_on = config.act_quant and config.order in ("before", "together")
+        set_quant_state(unit.module, weights=True, acts=False)
+        if config.act_quant and config.order == "together":
+            calibrate_unit_acts(unit, cache, config.init_amode)
+        set_quant_state(unit.module, weights=True, acts=acts_on)
+        entry = {"unit": unit.name, "kind": unit.kind, "rtn_error": unit_error(unit, cache)}
+        if config.iters_w > 0 and unit.layers:
+            reconstruct_unit(unit, cache, config, learn_act=config.order == "together", seed=config.seed + i,
+                             progress=progress)
+        else:
+            for layer in unit.layers:
+                layer.weight_quantizer.harden(layer.weight)
+        if config.act_quant and config.order == "after" and config.waq:
+            calibrate_unit_acts(unit, cache, config.init_amode)
+            set_quant_state(unit.module, weights=True, acts=True)
+        entry["error"] = unit_error(unit, cache)
+        entry["time_s"] = time.perf_counter() - t_unit
+        report["units"].append(entry)
+        logger.info("%s (%s): error %.4g (round-to-nearest %.4g) in %.1fs", unit.name, unit.kind,
+                    entry["error"], entry["rtn_error"], entry["time_s"])
+        del cache
+    if config.act_quant and config.order == "after" and not config.waq:
+        set_quant_state(model, weights=config.awq, acts=False)
+        calibrate_model_acts(model, plan, act_batches, device, progressive=config.aaq, mode=config.init_amode)
+    set_quant_state(model, weights=True, acts=config.act_quant)
+    report["time_s"]["total"] = time.perf_counter() - t0
+    model.qdrop_config = config
+    model.qdrop_plan = plan
+    model.qdrop_report = report
+    return model
+
+
+def calibrate_model_acts(model: nn.Module, plan: QuantPlan, batches: list, device, progressive: bool, mode: str) -> None:
+    """Whole-model activation ranges (the seed's Case 1/2).
+
+    ``progressive``: unit by unit, each seeing the already-quantized activations before it (``aaq``);
+    otherwise all at once on the un-quantized activations.
+    """
+    if not progressive:
+        quantizers = [q for u in plan.units for q in u.act_quantizers]
+        observe(quantizers, lambda: [run_model(model, b, device) for b in batches], mode)
+        return
+    for unit in plan.units:
+        observe(unit.act_quantizers, lambda unit=unit: run_until(model, unit.module, batches, device), mode)
+        for q in unit.act_quantizers:
+            q.enabled = True
+
+
+def _first_samples(batches: list, n: int) -> list:
+    out, seen = [], 0
+    for b in batches:
+        out.append(b)
+        seen += batch_len(b)
+        if seen >= n:
+            break
+    return out

@@ -1,0 +1,303 @@
+"""The one block-reconstruction loop (BRECQ/QDrop), with its input caches and activation calibration.
+
+For each unit in forward order: cache its inputs from the float model and from the partly quantized
+model, and its float outputs, once; then fit AdaRound variables (and LSQ steps when ``order`` is
+"together") to the float outputs while QDrop randomly drops activation quantization. Only the current
+unit's cache is alive at any time. Nothing here knows a model family.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import run_model, token_mask
+from .config import QDropConfig
+from .plan import Unit
+from .quantizers import ActQuantizer
+
+logger = logging.getLogger("qdrop_hf")
+
+ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the unit of interest has been seen."""
+
+
+def _detach(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool, store=None) -> list[dict]:
+    """Run ``model`` on each batch up to ``module``; record its args/kwargs (and output), then stop."""
+    store = store or device
+    record: dict = {}
+
+    def pre(m, args, kwargs):
+        record["args"], record["kwargs"] = _detach(args, store), _detach(kwargs, store)
+        if not with_output:
+            raise _Stop
+
+    def post(m, args, kwargs, output):
+        record["output"] = _detach(_first(output), store)
+        raise _Stop
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
+    if with_output:
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    records = []
+    try:
+        for batch in batches:
+            record = {}
+            try:
+                run_model(model, batch, device)
+            except _Stop:
+                pass
+            if "args" not in record:
+                raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
+            record["mask"] = _detach(token_mask(batch), store)
+            records.append(record)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+@torch.no_grad()
+def run_until(model: nn.Module, module: nn.Module, batches: list, device) -> None:
+    """Forward each batch only as far as the end of ``module``."""
+    def stop(*_):
+        raise _Stop
+
+    handle = module.register_forward_hook(stop)
+    try:
+        for batch in batches:
+            try:
+                run_model(model, batch, device)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
+def _rows(obj, idx, n):
+    """Index the per-sample rows (leading dim == n) of every tensor in ``obj``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[idx] if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rows(v, idx, n) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+class BlockCache:
+    """A unit's cached float inputs, quantized-model inputs (only where they differ) and float outputs."""
+
+    def __init__(self, fp: list[dict], quant: list[dict] | None):
+        self.items = []
+        for i, rec in enumerate(fp):
+            q_args = None
+            if quant is not None:
+                q_args = tuple(
+                    q if isinstance(q, torch.Tensor) and q.is_floating_point() and not torch.equal(q, f) else None
+                    for q, f in zip(quant[i]["args"], rec["args"])
+                )
+            self.items.append((rec["args"], q_args, rec["kwargs"], rec["output"], rec["mask"]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(item[3].shape[0] for item in self.items)
+
+    def inputs(self, item, input_prob: float = 1.0, generator=None):
+        """Block inputs of one cached batch: quantized-model inputs kept with prob ``input_prob``."""
+        fp_args, q_args, kwargs, target, mask = item
+        if q_args is None:
+            return fp_args, kwargs
+        args = []
+        for f, q in zip(fp_args, q_args):
+            if q is not None and input_prob < 1.0:
+                keep = torch.rand(q.shape, device=q.device, generator=generator) < input_prob
+                q = torch.where(keep, q, f)
+            args.append(f if q is None else q)
+        return tuple(args), kwargs
+
+    def sample(self, batch_size: int, index_gen: torch.Generator):
+        """A random cached batch, cut to ``batch_size`` random rows."""
+        item = self.items[int(torch.randint(len(self.items), (1,), generator=index_gen))]
+        n = item[3].shape[0]
+        if n <= batch_size:
+            return item
+        idx = torch.randperm(n, generator=index_gen)[:batch_size].to(item[3].device)
+        return _rows(item, idx, n)
+
+    def merged(self, batch_size: int) -> "BlockCache":
+        """Re-batch into fixed-size random mini-batches when all cached batches share shapes."""
+        shapes = {tuple(_shapes(item)) for item in self.items}
+        if len(shapes) != 1 or len(self.items) == 1:
+            return self
+        self.items = [_concat(self.items)]
+        return self
+
+
+def _shapes(obj):
+    if isinstance(obj, torch.Tensor):
+        yield tuple(obj.shape[1:])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _shapes(v)
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            yield k
+            yield from _shapes(obj[k])
+    else:
+        yield obj
+
+
+def _concat(items):
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(items) if first.dim() else first
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat(list(parts)) for parts in zip(*items))
+    if isinstance(first, dict):
+        return {k: _concat([it[k] for it in items]) for k in first}
+    return first
+
+
+def reconstruction_loss(output, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Squared error summed over channels/features, averaged over samples and positions (padding excluded)."""
+    err = (_first(output) - target).pow(2)
+    if err.dim() == 4:
+        return err.sum(1).mean()
+    if err.dim() >= 2:
+        err = err.sum(-1)
+    if mask is not None and err.shape == mask.shape:
+        mask = mask.to(err.dtype)
+        return (err * mask).sum() / mask.sum().clamp(min=1)
+    return err.mean()
+
+
+@torch.no_grad()
+def unit_error(unit: Unit, cache: BlockCache) -> float:
+    """Mean reconstruction loss of the unit, in its current quantization state, on its quantized inputs."""
+    total, count = 0.0, 0
+    for item in cache.items:
+        args, kwargs = cache.inputs(item)
+        total += float(reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])) * item[3].shape[0]
+        count += item[3].shape[0]
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def observe(quantizers: list[ActQuantizer], feed, mode: str, generator=None) -> None:
+    """Initialise activation ranges: observers record while ``feed()`` runs forward passes, then search."""
+    for q in quantizers:
+        q.observe(generator)
+    try:
+        feed()
+    finally:
+        seen = [q for q in quantizers if q.observer is not None and q.observer.lo is not None]
+        for q in seen:
+            q.finish_observing(mode)
+        for q in quantizers:
+            q.observer = None
+
+
+def calibrate_unit_acts(unit: Unit, cache: BlockCache, mode: str) -> None:
+    """Activation ranges of one unit, from its cached quantized-model inputs (first 256 samples)."""
+    def feed():
+        seen = 0
+        for item in cache.items:
+            args, kwargs = cache.inputs(item)
+            unit.module(*args, **kwargs)
+            seen += item[3].shape[0]
+            if seen >= ACT_CALIB_SAMPLES:
+                break
+    observe(unit.act_quantizers, feed, mode)
+
+
+@dataclass
+class RoundingSchedule:
+    """AdaRound regulariser: off during warm-up, then beta anneals linearly from b_start to b_end."""
+
+    iters: int
+    warmup: float
+    b_start: float
+    b_end: float
+
+    def beta(self, step: int) -> float | None:
+        start = self.warmup * self.iters
+        if step < start:
+            return None
+        rel = (step - start) / max(self.iters - start, 1)
+        return self.b_end + (self.b_start - self.b_end) * max(0.0, 1.0 - rel)
+
+
+def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_act: bool, seed: int,
+                     progress: bool = True) -> dict:
+    """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs."""
+    device = cache.items[0][3].device
+    index_gen = torch.Generator().manual_seed(seed)
+    drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    alphas = [layer.weight_quantizer.start_adaround(layer.weight) for layer in unit.layers]
+    steps = [q.scale for q in unit.act_quantizers if learn_act and q.enabled and bool(q.initialized)]
+    for q in unit.act_quantizers:
+        q.dropping, q.drop_prob, q.generator = True, config.prob, drop_gen
+    for s in steps:
+        s.requires_grad_(True)
+    w_opt = torch.optim.Adam(alphas, lr=config.round_lr) if alphas else None
+    a_opt = torch.optim.Adam(steps, lr=config.lr) if steps else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=config.iters_w, eta_min=0.0) if a_opt else None
+    schedule = RoundingSchedule(config.iters_w, config.warmup, config.b_start, config.b_end)
+    bar = tqdm(range(config.iters_w), desc=f"reconstruct {unit.name}", disable=not progress, leave=False)
+    rec = torch.zeros(())
+    try:
+        for step in bar:
+            item = cache.sample(config.batch_size, index_gen)
+            args, kwargs = cache.inputs(item, config.input_prob, drop_gen)
+            rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
+            beta = schedule.beta(step)
+            loss = rec
+            if beta is not None and alphas:
+                loss = loss + config.weight * sum(layer.weight_quantizer.rounding_loss(beta) for layer in unit.layers)
+            for opt in (w_opt, a_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if step % 100 == 0 and not math.isfinite(float(rec)):
+                raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
+            for opt in (w_opt, a_opt):
+                if opt is not None:
+                    opt.step()
+            if a_sched is not None:
+                a_sched.step()
+            if step % 50 == 0:
+                bar.set_postfix(rec=f"{float(rec):.4g}", beta="-" if beta is None else f"{beta:.1f}")
+    finally:
+        for q in unit.act_quantizers:
+            q.dropping, q.generator = False, None
+        for s in steps:
+            s.requires_grad_(False)
+    for layer in unit.layers:
+        layer.weight_quantizer.harden(layer.weight)
+    return {"final_batch_loss": float(rec)}
