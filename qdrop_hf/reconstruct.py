@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .batches import run_model, token_mask
 from .config import QDropConfig
 from .plan import Unit
-from .quantizers import ActQuantizer
+from .quantizers import ActQuantizer, DropMasks
 
 logger = logging.getLogger("qdrop_hf")
 
@@ -128,16 +128,15 @@ class BlockCache:
     def num_samples(self) -> int:
         return sum(item[3].shape[0] for item in self.items)
 
-    def inputs(self, item, input_prob: float = 1.0, generator=None):
-        """Block inputs of one cached batch: quantized-model inputs kept with prob ``input_prob``."""
+    def inputs(self, item, input_masks: DropMasks | None = None):
+        """Block inputs of one cached batch: quantized-model inputs, kept where ``input_masks`` says."""
         fp_args, q_args, kwargs, target, mask = item
         if q_args is None:
             return fp_args, kwargs
         args = []
         for f, q in zip(fp_args, q_args):
-            if q is not None and input_prob < 1.0:
-                keep = torch.rand(q.shape, device=q.device, generator=generator) < input_prob
-                q = torch.where(keep, q, f)
+            if q is not None and input_masks is not None:
+                q = torch.where(input_masks(q.shape), q, f)
             args.append(f if q is None else q)
         return tuple(args), kwargs
 
@@ -259,10 +258,12 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
     device = cache.items[0][3].device
     index_gen = torch.Generator().manual_seed(seed)
     drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    act_masks = DropMasks(config.prob, drop_gen) if config.prob < 1.0 else None
+    input_masks = DropMasks(config.input_prob, drop_gen) if config.input_prob < 1.0 else None
     alphas = [layer.weight_quantizer.start_adaround(layer.weight) for layer in unit.layers]
     steps = [q.scale for q in unit.act_quantizers if learn_act and q.enabled and bool(q.initialized)]
     for q in unit.act_quantizers:
-        q.dropping, q.drop_prob, q.generator = True, config.prob, drop_gen
+        q.drop_masks = act_masks
     for s in steps:
         s.requires_grad_(True)
     w_opt = torch.optim.Adam(alphas, lr=config.round_lr) if alphas else None
@@ -274,7 +275,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
     try:
         for step in bar:
             item = cache.sample(config.batch_size, index_gen)
-            args, kwargs = cache.inputs(item, config.input_prob, drop_gen)
+            args, kwargs = cache.inputs(item, input_masks)
             rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
             beta = schedule.beta(step)
             loss = rec
@@ -284,7 +285,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
             loss.backward()
-            if step % 100 == 0 and not math.isfinite(float(rec)):
+            if step % 100 == 0 and not math.isfinite(float(rec.detach())):
                 raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
             for opt in (w_opt, a_opt):
                 if opt is not None:
@@ -295,7 +296,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 bar.set_postfix(rec=f"{float(rec):.4g}", beta="-" if beta is None else f"{beta:.1f}")
     finally:
         for q in unit.act_quantizers:
-            q.dropping, q.generator = False, None
+            q.drop_masks = None
         for s in steps:
             s.requires_grad_(False)
     for layer in unit.layers:

@@ -1,0 +1,30 @@
+# One command to set up and run the tests, one to set up and run the main job.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; override (e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>") for a GPU build.
+TORCH_SPEC ?= torch==2.13.0
+SHARED ?= ../shared/data
+DEMO_OUT ?= outputs/demo-sst2-w4a8
+
+.PHONY: setup test demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[test,assets]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/python run_glue.py --model_name_or_path $(SHARED)/models/minilm-l6-sst2 \
+	  --train_file $(SHARED)/glue/sst2/train.tsv --validation_file $(SHARED)/glue/sst2/validation.tsv \
+	  --n_bits_w 4 --n_bits_a 8 --channel_wise --act_quant --order together --wwq --waq --awq --aaq \
+	  --prob 0.5 --input_prob 0.5 --preset fast --output_dir $(DEMO_OUT) --overwrite_output_dir

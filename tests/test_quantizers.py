@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from qdrop_hf.nn import QuantConv1D, QuantConv2d, QuantLinear
+from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, _fake_quant_forward
+
+
+def on_grid(values, scale, zero_point, n_bits):
+    codes = values / scale + zero_point
+    return torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= -1e-3 and codes.max() <= 2**n_bits - 1 + 1e-3
+
+
+@pytest.mark.parametrize("n_bits", range(2, 9))
+def test_weight_values_on_grid_per_channel(n_bits):
+    w = torch.randn(16, 24)
+    q = WeightQuantizer(n_bits, channel_wise=True)
+    q.init_range(w, "mse")
+    q.enabled = True
+    assert q.scale.shape == (16, 1) and q.zero_point.shape == (16, 1)
+    wq = q(w)
+    assert on_grid(wq, q.scale, q.zero_point, n_bits)
+    # each row uses at most 2^b distinct values
+    assert max(len(row.unique()) for row in wq) <= 2**n_bits
+
+
+@pytest.mark.parametrize("n_bits", range(2, 9))
+def test_activation_values_on_grid(n_bits):
+    x = torch.randn(4, 10, 32) * 3 + 1
+    q = ActQuantizer(n_bits)
+    q.observe()
+    q(x)
+    q.finish_observing("mse")
+    q.enabled = True
+    xq = q(x)
+    assert q.scale.shape == ()
+    assert on_grid(xq, q.scale, q.zero_point, n_bits)
+    assert len(xq.unique()) <= 2**n_bits
+
+
+def test_scale_shapes_of_each_layer_kind():
+    layers = {
+        QuantLinear.from_float(torch.nn.Linear(6, 5), 4, True): (5, 1),
+        QuantConv2d.from_float(torch.nn.Conv2d(4, 8, 3, groups=2), 4, True): (8, 1, 1, 1),
+        QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3, groups=8), 4, True): (8, 1, 1, 1),
+    }
+    from transformers.pytorch_utils import Conv1D
+
+    layers[QuantConv1D.from_float(Conv1D(7, 6), 4, True)] = (1, 7)  # GPT-2 Conv1D: [in, out]
+    for layer, shape in layers.items():
+        layer.weight_quantizer.init_range(layer.weight)
+        assert tuple(layer.weight_quantizer.scale.shape) == shape
+    per_tensor = WeightQuantizer(4, channel_wise=False)
+    per_tensor.init_range(torch.randn(5, 6))
+    assert per_tensor.scale.numel() == 1
+
+
+def test_mse_range_beats_minmax_on_outliers():
+    w = torch.randn(8, 256)
+    w[:, 0] = 12.0
+    errs = {}
+    for mode in ("minmax", "mse"):
+        q = WeightQuantizer(3)
+        q.init_range(w, mode)
+        q.enabled = True
+        errs[mode] = (q(w) - w).pow(2).mean().item()
+    assert errs["mse"] < errs["minmax"]
+
+
+def test_adaround_starts_at_float_weight_and_hardens_onto_grid():
+    w = torch.randn(12, 20)
+    q = WeightQuantizer(4)
+    q.init_range(w, "minmax")
+    q.enabled = True
+    q.start_adaround(w)
+    lo, hi = (0 - q.zero_point) * q.scale, (q.qmax - q.zero_point) * q.scale
+    inside = (w >= lo) & (w <= hi)  # the rounded zero point may clip the extreme value by < half a step
+    assert inside.float().mean() > 0.9
+    assert torch.allclose(q(w)[inside], w[inside], atol=1e-5)
+    with torch.no_grad():
+        q.alpha.add_(torch.randn_like(q.alpha))
+    soft = q(w)
+    rounded_up = q.alpha >= 0
+    q.harden(w)
+    hard = q(w)
+    assert on_grid(hard, q.scale, q.zero_point, 4)
+    floor = torch.floor(w / q.scale) + q.zero_point
+    assert torch.equal(q.codes.long(), (floor + rounded_up).clamp(0, 15).long())
+    assert not torch.allclose(soft, hard)
+
+
+def test_rounding_loss_is_zero_only_for_binary_rounding():
+    w = torch.randn(6, 6)
+    q = WeightQuantizer(4)
+    q.init_range(w)
+    q.start_adaround(w)
+    assert q.rounding_loss(2.0) > 0
+    with torch.no_grad():
+        q.alpha.copy_(torch.where(q.alpha >= 0, 10.0, -10.0))
+    assert q.rounding_loss(2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def fitted_act(n_bits=4):
+    x = torch.randn(64, 128)
+    q = ActQuantizer(n_bits)
+    q.observe()
+    q(x)
+    q.finish_observing("minmax")
+    q.enabled = True
+    return q, x
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.8])
+def test_drop_keeps_quantized_values_with_probability_p(p):
+    q, x = fitted_act()
+    q.scale.requires_grad_(True)
+    q.drop_masks = DropMasks(p, torch.Generator().manual_seed(0), min_pool=1 << 16)
+    with torch.no_grad():
+        xq = (torch.clamp(torch.round(x / q.scale) + q.zero_point, 0, 15) - q.zero_point) * q.scale
+    fractions = []
+    for _ in range(20):
+        out = q(x)
+        changed = xq != x
+        fractions.append(((out == xq) & changed).sum().item() / changed.sum().item())
+        assert torch.equal(out[~changed], x[~changed]) and torch.all((out == xq) | (out == x))
+    assert abs(sum(fractions) / len(fractions) - p) < 0.02
+    assert len({round(f, 6) for f in fractions}) > 1  # masks differ between calls
+
+
+def test_prob_one_is_no_drop_and_no_drop_outside_reconstruction():
+    q, x = fitted_act()
+    q.scale.requires_grad_(True)
+    reference = q(x)
+    q.drop_masks = DropMasks(1.0, torch.Generator().manual_seed(0), min_pool=1 << 16)
+    assert torch.equal(q(x), reference)
+    q.drop_masks = None
+    assert torch.equal(q(x), reference)
+    with torch.no_grad():
+        assert torch.equal(q(x), reference)
+
+
+def test_fused_fake_quant_gradients_match_straight_through_reference():
+    x = (torch.randn(5, 40) * 2).requires_grad_(True)
+    q = ActQuantizer(3)
+    q.observe()
+    q(x)
+    q.finish_observing("mse")
+    q.enabled = True
+    q.scale.requires_grad_(True)
+    keep = torch.rand(x.shape) < 0.5
+    q.drop_masks = lambda shape: keep
+    g = torch.randn(5, 40)
+    (q(x) * g).sum().backward()
+    gx, gs = x.grad.clone(), q.scale.grad.clone()
+
+    x2 = x.detach().clone().requires_grad_(True)
+    s2 = q.scale.detach().clone().requires_grad_(True)
+    v = x2 / s2
+    v = (v.round() - v).detach() + v
+    ref = (torch.clamp(v + q.zero_point, 0, 7) - q.zero_point) * s2
+    ref = torch.where(keep, ref, x2)
+    (ref * g).sum().backward()
+    assert torch.allclose(gx, x2.grad, atol=1e-5)
+    assert torch.allclose(gs, s2.grad, atol=1e-4)
+    out, _, _ = _fake_quant_forward(x.detach(), q.scale.detach(), q.zero_point, 7, keep, False)
+    assert torch.allclose(out, ref.detach(), atol=1e-6)

@@ -1,0 +1,98 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import image_batches, text_batches, tiny_bert, tiny_resnet
+from qdrop_hf import QDropConfig, quantize_model
+from qdrop_hf.fold_bn import fold_batchnorm
+from qdrop_hf.nn import QuantLayer
+from qdrop_hf.quantizers import ActQuantizer
+
+
+def body_units(report):
+    return [u for u in report["units"] if u["kind"] == "body"]
+
+
+@pytest.mark.parametrize("make_model,make_data", [(tiny_bert, text_batches), (tiny_resnet, image_batches)],
+                         ids=["bert-layer", "resnet-block"])
+def test_reconstruction_lowers_block_error_below_round_to_nearest(make_model, make_data):
+    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=150, batch_size=8, num_samples=32, round_lr=1e-2)
+    model = quantize_model(make_model(), make_data(), config, progress=False)
+    units = body_units(model.qdrop_report)
+    assert units
+    for u in units:
+        assert u["error"] < u["rtn_error"], u
+
+
+def test_rtn_when_no_iterations_and_weights_on_grid_everywhere():
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, iters_w=0, num_samples=16), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    assert layers and all(m.weight_quantizer.hardened and m.weight_quantizer.enabled for m in layers)
+    for m in layers:
+        wq = m.weight_quantizer
+        expected = torch.clamp(torch.round(m.weight / wq.scale) + wq.zero_point, 0, wq.qmax)
+        assert torch.equal(wq.codes.float(), expected)
+    for u in model.qdrop_report["units"]:
+        assert u["error"] == pytest.approx(u["rtn_error"])
+
+
+def test_stem_head_8bit_and_quantizer_placement_in_bert():
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=0, num_samples=16),
+                           progress=False)
+    bits = {n: m.n_bits for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+    assert bits["bert.embeddings.qdrop_out"] == 8
+    assert bits["bert.encoder.layer.0.qdrop_out"] == 4
+    assert bits["bert.encoder.layer.1.qdrop_out"] == 8  # input of the head
+    for part in ("query", "key", "value", "probs", "context"):
+        assert bits[f"bert.encoder.layer.0.attention.self.qdrop_attn.{part}"] == 4
+    assert model.classifier.weight_quantizer.n_bits == 8
+    assert model.bert.encoder.layer[0].intermediate.dense.weight_quantizer.n_bits == 3
+    assert [u["unit"] for u in model.qdrop_report["units"]] == [
+        "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler", "classifier"]
+    assert model.config._attn_implementation == "qdrop"
+
+
+def test_quantized_model_is_deterministic_and_differs_from_float():
+    fp = tiny_bert()
+    batch = text_batches()[0]
+    with torch.no_grad():
+        ref = fp(**batch).logits
+    model = quantize_model(copy.deepcopy(fp), text_batches(), QDropConfig(n_bits_w=2, n_bits_a=2, iters_w=20,
+                                                                            num_samples=16), progress=False)
+    assert all(q.drop_masks is None for q in model.modules() if isinstance(q, ActQuantizer))
+    with torch.no_grad():
+        a, b = model(**batch).logits, model(**batch).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, ref, atol=1e-4)
+
+
+def test_same_seed_same_weights():
+    def run():
+        config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=30, batch_size=8, num_samples=16, seed=3)
+        model = quantize_model(tiny_bert(), text_batches(), config, progress=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b = run(), run()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("order,flags", [("before", dict(awq=False)), ("after", dict(waq=False)),
+                                         ("after", dict(waq=True)), ("together", dict(prob=1.0, input_prob=1.0))])
+def test_every_order_runs_and_leaves_all_activations_calibrated(order, flags):
+    config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=10, num_samples=16, order=order, **flags)
+    model = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    assert acts and all(bool(q.initialized) and q.enabled for q in acts)
+    with torch.no_grad():
+        assert torch.isfinite(model(image_batches()[0]).logits).all()
+
+
+def test_batchnorm_folding_preserves_the_function():
+    model = tiny_resnet()
+    x = image_batches()[0]
+    with torch.no_grad():
+        ref = model(x).logits
+        assert fold_batchnorm(model) > 0
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert torch.allclose(model(x).logits, ref, atol=1e-5)
