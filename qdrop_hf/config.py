@@ -59,6 +59,7 @@ class QDropConfig:
     disable_8bit_head_stem: bool = False
     seed: int = 1005
     device: str | None = None
+    compile: bool = False
     keep_fp_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self):

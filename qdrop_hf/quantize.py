@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .batches import batch_len, run_model, take_batches
 from .config import QDropConfig
 from .families import Family
+from .quantizers import use_compiled_kernels
 from .plan import QuantPlan, prepare_model, set_quant_state
 from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, observe, reconstruct_unit,
                           run_until, unit_error)
@@ -39,6 +40,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config)
+    use_compiled_kernels(config.compile)
     batches = take_batches(calibration_data, config.num_samples)
     model.eval().requires_grad_(False).to(device)
     t0 = time.perf_counter()

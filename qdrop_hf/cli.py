@@ -1,0 +1,98 @@
+"""What the three ``run_*.py`` scripts share: the quantization arguments (the seed's flag names),
+argument parsing (flags or one JSON file), user-facing errors, and writing results.
+
+The switches ``--channel_wise --act_quant --wwq --waq --awq --aaq`` are off unless given, exactly as
+in the seed's ``main_imagenet.py``, so its Case 1/2/3 and No-Drop lines mean what they meant there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .batches import CalibrationDataError
+from .config import QDropConfig, QDropConfigError
+from .families import UnsupportedModelError
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+
+
+USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError)
+
+
+@dataclass
+class QuantArguments:
+    n_bits_w: int = field(default=4, metadata={"help": "weight bits (2-8)"})
+    n_bits_a: int = field(default=4, metadata={"help": "activation bits (2-8)"})
+    channel_wise: bool = field(default=False, metadata={"help": "per-output-channel weight quantization"})
+    act_quant: bool = field(default=False, metadata={"help": "quantize activations"})
+    order: str = field(default="together", metadata={"help": "activation calibration order: before|after|together"})
+    wwq: bool = field(default=False, metadata={"help": "weight reconstruction sees inputs with earlier weights quantized"})
+    waq: bool = field(default=False, metadata={"help": "weight reconstruction sees inputs with earlier activations quantized"})
+    awq: bool = field(default=False, metadata={"help": "activation calibration with weights quantized"})
+    aaq: bool = field(default=False, metadata={"help": "activation calibration with earlier activations quantized"})
+    weight: float = field(default=0.01, metadata={"help": "weight of the AdaRound rounding loss"})
+    prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping an activation quantized"})
+    input_prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping the block input quantized"})
+    num_samples: int = field(default=1024, metadata={"help": "calibration samples"})
+    iters_w: int = field(default=20000, metadata={"help": "reconstruction iterations per block (0: round-to-nearest)"})
+    batch_size: int = field(default=32, metadata={"help": "reconstruction mini-batch size"})
+    lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
+    round_lr: float = field(default=1e-3, metadata={"help": "learning rate of the AdaRound variables"})
+    warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
+    b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
+    b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})
+    init_wmode: str = field(default="mse", metadata={"help": "weight range init: mse|minmax"})
+    init_amode: str = field(default="mse", metadata={"help": "activation range init: mse|minmax"})
+    disable_8bit_head_stem: bool = field(default=False, metadata={"help": "do not keep stem/head at 8 bits"})
+    seed: int = field(default=1005, metadata={"help": "random seed (calibration sampling, drop masks)"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    compile: bool = field(default=False, metadata={"help": "fuse fake-quant kernels with torch.compile"})
+
+    def to_config(self) -> QDropConfig:
+        names = {f.name for f in fields(QDropConfig)}
+        return QDropConfig(**{k: v for k, v in vars(self).items() if k in names})
+
+
+def parse_args(*dataclass_types):
+    """Flags, or a single ``.json`` file holding them, as transformers' example scripts accept."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def run_main(main) -> None:
+    """Run a script's ``main``; user errors become one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output_dir {out} exists and is not empty; pass --overwrite_output_dir to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, delete=True)
+        probe.close()
+    except OSError as err:
+        raise UserError(f"output_dir {out} is not writable: {err}") from err
+    return out
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

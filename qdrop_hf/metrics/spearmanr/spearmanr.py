@@ -1,0 +1,30 @@
+"""Spearman rank correlation (ties get their average rank), as GLUE reports it for STS-B."""
+import datasets
+import evaluate
+import numpy as np
+
+
+def _ranks(values):
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    sorted_vals = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_vals[end] != sorted_vals[start]:
+            ranks[order[start:end]] = (start + end - 1) / 2.0
+            start = end
+    return ranks
+
+
+class Spearmanr(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Spearman rank-order correlation coefficient.",
+            citation="",
+            inputs_description="predictions, references: lists of floats.",
+            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}),
+        )
+
+    def _compute(self, predictions, references):
+        x, y = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+        return {"spearmanr": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
