@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qdrop_hf import quantize_model
-from qdrop_hf.cli import QuantArguments, UserError, parse_args, prepare_output_dir, run_main, write_json_atomic
+from qdrop_hf.cli import QuantArguments, UserError, parse_args, check_output_dir, run_main, write_json_atomic
 from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 
@@ -44,6 +44,7 @@ STSB_COLUMNS = ["index", "genre", "filename", "year", "old_index", "source1", "s
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "fine-tuned checkpoint: hub id or local folder"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "defaults to the model's"})
+    num_labels: int | None = field(default=None, metadata={"help": "give a new head this many outputs (1: regression)"})
 
 
 @dataclass
@@ -171,7 +172,7 @@ def main():
     model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, RunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
-    out = prepare_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
+    out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     times = {}
     train, validation, _ = load_raw(data_args)
     if data_args.max_eval_samples:
@@ -183,7 +184,8 @@ def main():
         raise UserError(f"--num_samples {quant_args.num_samples} is larger than the {len(train)} training rows")
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path)
+    head = {"num_labels": model_args.num_labels, "ignore_mismatched_sizes": True} if model_args.num_labels else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, **head)
     is_regression = data_args.task_name == "stsb" or model.config.num_labels == 1 or \
         validation.features[data_args.label_column].dtype.startswith("float")
     mapping = label_mapping(model.config, train, validation, data_args.label_column, is_regression)
@@ -216,6 +218,7 @@ def main():
     logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
     results["time_s"] = times
     results["blocks"] = model.qdrop_report["units"]
+    out.mkdir(parents=True, exist_ok=True)
     save_quantized(model, tokenizer, out)
     write_json_atomic(out / "results.json", results)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -78,16 +77,16 @@ def run_main(main) -> None:
         sys.exit(2)
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    """Refuse a non-empty or unwritable output_dir up front, before any work and without writing."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output_dir {out} exists and is not empty; pass --overwrite_output_dir to replace it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, delete=True)
-        probe.close()
-    except OSError as err:
-        raise UserError(f"output_dir {out} is not writable: {err}") from err
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"output_dir {out} is not writable")
     return out
 
 
