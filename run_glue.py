@@ -11,6 +11,7 @@ quantized model.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from datasets import load_dataset
+from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -84,6 +86,8 @@ def load_raw(data: DataArguments):
     kwargs = {}
     if ext in ("tsv", "csv"):
         kwargs["delimiter"] = "\t" if ext == "tsv" else ","
+        if ext == "tsv":
+            kwargs["quoting"] = csv.QUOTE_NONE  # GLUE's TSVs contain bare quote characters
         names = data.column_names.split(",") if data.column_names else None
         if names is None and data.task_name == "stsb" and not _has_header(files["train"], kwargs["delimiter"]):
             names = STSB_COLUMNS
@@ -98,6 +102,8 @@ def load_raw(data: DataArguments):
         raw = load_dataset(builder, data_files=files, **kwargs)
     except FileNotFoundError as err:
         raise UserError(f"data file not found: {err}") from err
+    except DatasetGenerationError as err:
+        raise UserError(f"could not read {files}: {err.__cause__ or err}") from err
     return raw["train"], raw["validation"], None
 
 

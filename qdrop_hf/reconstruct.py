@@ -7,7 +7,6 @@ unit's cache is alive at any time. Nothing here knows a model family.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -19,8 +18,6 @@ from .batches import run_model, token_mask
 from .config import QDropConfig
 from .plan import Unit
 from .quantizers import ActQuantizer, DropMasks
-
-logger = logging.getLogger("qdrop_hf")
 
 ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
 
@@ -123,10 +120,6 @@ class BlockCache:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(item[3].shape[0] for item in self.items)
 
     def inputs(self, item, input_masks: DropMasks | None = None):
         """Block inputs of one cached batch: quantized-model inputs, kept where ``input_masks`` says."""
@@ -293,7 +286,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
             if a_sched is not None:
                 a_sched.step()
             if step % 50 == 0:
-                bar.set_postfix(rec=f"{float(rec):.4g}", beta="-" if beta is None else f"{beta:.1f}")
+                bar.set_postfix(rec=f"{float(rec.detach()):.4g}", beta="-" if beta is None else f"{beta:.1f}")
     finally:
         for q in unit.act_quantizers:
             q.drop_masks = None
