@@ -294,4 +294,4 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
             s.requires_grad_(False)
     for layer in unit.layers:
         layer.weight_quantizer.harden(layer.weight)
-    return {"final_batch_loss": float(rec)}
+    return {"final_batch_loss": float(rec.detach())}
