@@ -1,17 +1,13 @@
 """Binary F1 of the positive class (label 1), as GLUE reports it for MRPC and QQP."""
-import datasets
 import evaluate
 import numpy as np
+
+from qdrop_hf.metrics.info import pairwise_info
 
 
 class F1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Harmonic mean of precision and recall for the positive class.",
-            citation="",
-            inputs_description="predictions, references: lists of 0/1 labels.",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-        )
+        return pairwise_info("Harmonic mean of precision and recall for the positive class.", "int64")
 
     def _compute(self, predictions, references, pos_label=1):
         p, r = np.asarray(predictions) == pos_label, np.asarray(references) == pos_label

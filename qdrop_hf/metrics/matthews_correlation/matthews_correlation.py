@@ -1,17 +1,13 @@
 """Matthews correlation coefficient (multi-class form), as GLUE reports it for CoLA."""
-import datasets
 import evaluate
 import numpy as np
+
+from qdrop_hf.metrics.info import pairwise_info
 
 
 class MatthewsCorrelation(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Matthews correlation coefficient between predicted and reference labels.",
-            citation="",
-            inputs_description="predictions, references: lists of integer class ids.",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-        )
+        return pairwise_info("Matthews correlation coefficient between predicted and reference labels.", "int64")
 
     def _compute(self, predictions, references):
         y_pred, y_true = np.asarray(predictions), np.asarray(references)

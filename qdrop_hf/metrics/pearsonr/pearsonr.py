@@ -1,17 +1,13 @@
 """Pearson correlation between predicted and reference scores (GLUE STS-B)."""
-import datasets
 import evaluate
 import numpy as np
+
+from qdrop_hf.metrics.info import pairwise_info
 
 
 class Pearsonr(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Pearson linear correlation coefficient.",
-            citation="",
-            inputs_description="predictions, references: lists of floats.",
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}),
-        )
+        return pairwise_info("Pearson linear correlation coefficient.", "float64")
 
     def _compute(self, predictions, references):
         x, y = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)

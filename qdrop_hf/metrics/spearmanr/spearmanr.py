@@ -1,7 +1,8 @@
 """Spearman rank correlation (ties get their average rank), as GLUE reports it for STS-B."""
-import datasets
 import evaluate
 import numpy as np
+
+from qdrop_hf.metrics.info import pairwise_info
 
 
 def _ranks(values):
@@ -18,12 +19,7 @@ def _ranks(values):
 
 class Spearmanr(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Spearman rank-order correlation coefficient.",
-            citation="",
-            inputs_description="predictions, references: lists of floats.",
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}),
-        )
+        return pairwise_info("Spearman rank-order correlation coefficient.", "float64")
 
     def _compute(self, predictions, references):
         x, y = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
