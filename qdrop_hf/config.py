@@ -95,10 +95,6 @@ class QDropConfig:
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
 
-    @property
-    def no_drop(self) -> bool:
-        return self.prob == 1.0 and self.input_prob == 1.0
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

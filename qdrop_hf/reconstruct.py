@@ -40,19 +40,26 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
 
 
+def _forward_to_stop(model: nn.Module, batch, device) -> None:
+    """One forward pass that a hook may end early by raising ``_Stop``."""
+    try:
+        run_model(model, batch, device)
+    except _Stop:
+        pass
+
+
 @torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool, store=None) -> list[dict]:
+def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool) -> list[dict]:
     """Run ``model`` on each batch up to ``module``; record its args/kwargs (and output), then stop."""
-    store = store or device
     record: dict = {}
 
     def pre(m, args, kwargs):
-        record["args"], record["kwargs"] = _detach(args, store), _detach(kwargs, store)
+        record["args"], record["kwargs"] = _detach(args, device), _detach(kwargs, device)
         if not with_output:
             raise _Stop
 
     def post(m, args, kwargs, output):
-        record["output"] = _detach(_first(output), store)
+        record["output"] = _detach(_first(output), device)
         raise _Stop
 
     handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
@@ -62,13 +69,10 @@ def capture(model: nn.Module, module: nn.Module, batches: list, device, with_out
     try:
         for batch in batches:
             record = {}
-            try:
-                run_model(model, batch, device)
-            except _Stop:
-                pass
+            _forward_to_stop(model, batch, device)
             if "args" not in record:
                 raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
-            record["mask"] = _detach(token_mask(batch), store)
+            record["mask"] = _detach(token_mask(batch), device)
             records.append(record)
     finally:
         for h in handles:
@@ -85,10 +89,7 @@ def run_until(model: nn.Module, module: nn.Module, batches: list, device) -> Non
     handle = module.register_forward_hook(stop)
     try:
         for batch in batches:
-            try:
-                run_model(model, batch, device)
-            except _Stop:
-                pass
+            _forward_to_stop(model, batch, device)
     finally:
         handle.remove()
 
@@ -117,9 +118,6 @@ class BlockCache:
                     for q, f in zip(quant[i]["args"], rec["args"])
                 )
             self.items.append((rec["args"], q_args, rec["kwargs"], rec["output"], rec["mask"]))
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def inputs(self, item, input_masks: DropMasks | None = None):
         """Block inputs of one cached batch: quantized-model inputs, kept where ``input_masks`` says."""
