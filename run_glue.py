@@ -27,6 +27,7 @@ from qdrop_hf import quantize_model
 from qdrop_hf.cli import QuantArguments, UserError, parse_args, check_output_dir, run_main, write_json_atomic
 from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
+from qdrop_hf.quantize import resolve_device
 
 logger = logging.getLogger("run_glue")
 
@@ -70,14 +71,16 @@ class RunArguments:
 
 
 def load_raw(data: DataArguments):
+    """The train split and the evaluation splits by name ("validation", plus "mismatched" for MNLI)."""
     if data.task_name is not None and data.task_name not in TASK_KEYS:
         raise UserError(f"unknown --task_name {data.task_name!r}; GLUE tasks: {', '.join(TASK_KEYS)}")
     if data.train_file is None and data.validation_file is None:
         if data.task_name is None:
             raise UserError("give --task_name or --train_file/--validation_file")
         raw = load_dataset("nyu-mll/glue", data.task_name)
-        val = "validation_matched" if data.task_name == "mnli" else "validation"
-        return raw["train"], raw[val], raw["validation_mismatched"] if data.task_name == "mnli" else None
+        if data.task_name == "mnli":
+            return raw["train"], {"validation": raw["validation_matched"], "mismatched": raw["validation_mismatched"]}
+        return raw["train"], {"validation": raw["validation"]}
     files = {"train": data.train_file, "validation": data.validation_file}
     for split, path in files.items():
         if path is None:
@@ -104,7 +107,7 @@ def load_raw(data: DataArguments):
         raise UserError(f"data file not found: {err}") from err
     except DatasetGenerationError as err:
         raise UserError(f"could not read {files}: {err.__cause__ or err}") from err
-    return raw["train"], raw["validation"], None
+    return raw["train"], {"validation": raw["validation"]}
 
 
 def _has_header(path: str, delimiter: str) -> bool:
@@ -180,9 +183,10 @@ def main():
     config = quant_args.to_config()
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     times = {}
-    train, validation, _ = load_raw(data_args)
+    train, eval_splits = load_raw(data_args)
     if data_args.max_eval_samples:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+        eval_splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in eval_splits.items()}
+    validation = eval_splits["validation"]
     keys = text_keys(data_args, train.column_names)
     if data_args.label_column not in validation.column_names:
         raise UserError(f"label column {data_args.label_column!r} not in {validation.column_names}")
@@ -195,9 +199,21 @@ def main():
     is_regression = data_args.task_name == "stsb" or model.config.num_labels == 1 or \
         validation.features[data_args.label_column].dtype.startswith("float")
     mapping = label_mapping(model.config, train, validation, data_args.label_column, is_regression)
-    references = [float(v) if is_regression else mapping[v] for v in list(validation[data_args.label_column])]
     metric_names = glue_metric_names(data_args.task_name, is_regression)
-    val_enc = encode(tokenizer, validation, keys, data_args.max_seq_length)
+    evaluation = {
+        name: (encode(tokenizer, split, keys, data_args.max_seq_length),
+               [float(v) if is_regression else mapping[v] for v in list(split[data_args.label_column])])
+        for name, split in eval_splits.items()
+    }
+
+    def evaluate_all(model, desc):
+        """Metrics on the validation split; other splits (MNLI mismatched) as ``<split>_<metric>``."""
+        metrics = {}
+        for name, (enc, refs) in evaluation.items():
+            values = evaluate_model(model, tokenizer, enc, refs, metric_names, is_regression,
+                                    data_args.eval_batch_size, device, f"{desc} {name}")
+            metrics.update(values if name == "validation" else {f"{name}_{k}": v for k, v in values.items()})
+        return metrics
 
     # Calibration: a seeded random subset of the train split, no labels, padding-aware batches.
     rng = np.random.default_rng(quant_args.seed)
@@ -205,21 +221,19 @@ def main():
     calib_enc = encode(tokenizer, calib_rows, keys, data_args.max_seq_length)
     calibration = [b for _, b in length_sorted_batches(calib_enc, range(len(calib_rows)), quant_args.batch_size, tokenizer)]
 
-    device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+    device = resolve_device(config)
     results = {"config": {**asdict(model_args), **asdict(data_args), **asdict(quant_args), **asdict(run_args)},
                "text_columns": keys, "metrics": metric_names}
     if not run_args.skip_fp_eval:
         t = time.perf_counter()
-        results["fp"] = evaluate_model(model, tokenizer, val_enc, references, metric_names, is_regression,
-                                       data_args.eval_batch_size, device, "eval FP")
+        results["fp"] = evaluate_all(model, "eval FP")
         times["fp_eval"] = time.perf_counter() - t
         logger.info("FP: %s", results["fp"])
     t = time.perf_counter()
     model = quantize_model(model, calibration, config)
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
-    results["quant"] = evaluate_model(model, tokenizer, val_enc, references, metric_names, is_regression,
-                                      data_args.eval_batch_size, device, "eval quantized")
+    results["quant"] = evaluate_all(model, "eval quantized")
     times["quant_eval"] = time.perf_counter() - t
     logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
     results["time_s"] = times
