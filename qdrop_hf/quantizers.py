@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .observers import ActivationObserver, search_range
+from .observers import ActivationObserver, fake_quantize, search_range
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
 
@@ -189,8 +189,7 @@ class WeightQuantizer(nn.Module):
             return self.dequantized().to(weight.dtype)
         if self.alpha is not None:
             return torch.addcmul(self.w_base, self.soft_rounding(), self.w_step).to(weight.dtype)
-        q = torch.clamp(torch.round(weight / self.scale) + self.zero_point, 0, self.qmax)
-        return ((q - self.zero_point) * self.scale).to(weight.dtype)
+        return fake_quantize(weight, self.scale, self.zero_point, self.n_bits).to(weight.dtype)
 
 
 class ActQuantizer(nn.Module):
@@ -235,8 +234,7 @@ class ActQuantizer(nn.Module):
         if not self.enabled or not bool(self.initialized):
             return x
         if not torch.is_grad_enabled() or not (x.requires_grad or self.scale.requires_grad):
-            q = torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.qmax)
-            return (q - self.zero_point) * self.scale
+            return fake_quantize(x, self.scale, self.zero_point, self.n_bits)
         keep = self.drop_masks(x.shape) if self.drop_masks is not None else None
         return _FakeQuant.apply(x, self.scale, self.zero_point, self.qmax, keep)
 
