@@ -53,3 +53,42 @@ def test_vit_family():
     assert bits["vit.layernorm.qdrop_out"] == 8 and bits["vit.layers.0.mlp.fc2.qdrop_in"] == 4
     with torch.no_grad():
         assert torch.isfinite(model(images[0]).logits).all()
+
+
+def tiny_cnn(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "regnet":
+        return tf.RegNetForImageClassification(tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2],
+                                                               groups_width=4, layer_type="y", num_labels=5)).eval()
+    return tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(depth_multiplier=0.25, image_size=32,
+                                                                     num_labels=5)).eval()
+
+
+@pytest.mark.parametrize("kind,blocks,points", [
+    ("regnet", 3, ["regnet.encoder.stages.1.layers.0.layer.2.qdrop_out",   # squeeze-excite output
+                   "regnet.encoder.stages.1.layers.0.layer.0.qdrop_out",   # ReLU'd conv inside a block
+                   "regnet.encoder.stages.1.layers.0.qdrop_out"]),         # block output
+    ("mobilenet_v2", 16, ["mobilenet_v2.layer.3.expand_1x1.qdrop_out", "mobilenet_v2.layer.3.conv_3x3.qdrop_out",
+                          "mobilenet_v2.layer.3.qdrop_out", "mobilenet_v2.conv_stem.qdrop_out"]),
+])
+def test_cnn_families(kind, blocks, points):
+    model = tiny_cnn(kind)
+    images = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    with torch.no_grad():
+        ref = model(images[0]).logits
+    model = quantize_model(model, images, QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=10, num_samples=16, batch_size=8),
+                           progress=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    units = model.qdrop_report["units"]
+    assert sum(u["kind"] == "body" for u in units) == blocks
+    assert units[0]["kind"] == "stem" and units[-1]["kind"] == "head"
+    names = {n for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+    assert set(points) <= names
+    unexpected = [n for n in names if n.endswith("reduce_1x1.qdrop_out") or n.endswith("layer.3.qdrop_out")
+                  and "layers.0.layer" in n]
+    assert not unexpected  # linear (un-activated) convolutions feed the residual add, unquantized
+    with torch.no_grad():
+        out = model(images[0]).logits
+    assert torch.isfinite(out).all() and out.shape == ref.shape
