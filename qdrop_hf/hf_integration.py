@@ -1,17 +1,116 @@
-"""Saving a quantized model the Hugging Face way.
+"""Saving and reloading a quantized model the Hugging Face way.
 
-The quantization settings travel in ``config.json`` as ``quantization_config`` with
-``quant_method="qdrop"``; the weights, quantizer scales and integer codes are one safetensors file.
+A saved folder is an ordinary HF checkpoint folder: ``config.json`` (with ``quantization_config``,
+``quant_method="qdrop"``, including every quantizer's bit width), the tokenizer/processor files, and
+one ``model.safetensors`` in which each quantized layer's float weight is replaced by its integer
+codes bit-packed at the layer's bit width, next to the per-channel scales and zero points and the
+activation steps. Only safetensors are written or read: loading never unpickles anything.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import QDropConfig
+from .families import find_family
+from .nn import QuantLayer
+from .packing import pack_codes, unpack_codes
+from .plan import install_quantizers, set_quant_state
+from .quantizers import ActQuantizer, WeightQuantizer
+
+WEIGHTS_NAME = "model.safetensors"
+PACKED = "weight_quantizer.packed"
+
+
+def _quantizer_bits(model: nn.Module) -> dict[str, int]:
+    return {name: m.n_bits for name, m in model.named_modules() if isinstance(m, (WeightQuantizer, ActQuantizer))}
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with every hardened layer's float weight and codes replaced by packed codes."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
+            wq = layer.weight_quantizer
+            del state[f"{name}.weight"], state[f"{name}.weight_quantizer.codes"]
+            state[f"{name}.{PACKED}"] = pack_codes(wq.codes, wq.n_bits)
+    seen = {}
+    for key, value in state.items():  # tied tensors: safetensors wants each storage once
+        if value.data_ptr() in seen and value.numel():
+            state[key] = value.clone()
+        seen[value.data_ptr()] = key
+    return state
 
 
 def save_quantized(model, tokenizer, output_dir: str | Path) -> None:
-    """``save_pretrained`` for the model (safetensors only) and its tokenizer/processor, if any."""
+    """Write the folder described above (config, tokenizer/processor, packed safetensors)."""
     output_dir = Path(output_dir)
-    model.config.quantization_config = {"quant_method": "qdrop", **model.qdrop_config.to_dict()}
-    model.save_pretrained(output_dir, safe_serialization=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.config.quantization_config = {"quant_method": "qdrop", **model.qdrop_config.to_dict(),
+                                        "quantizer_bits": _quantizer_bits(model)}
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
+    model.config.save_pretrained(output_dir)
+    save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+
+
+def load_quantized(path: str | Path, model_class=None) -> nn.Module:
+    """Rebuild a model saved by ``save_quantized`` (local folder) and load its quantization result."""
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    qdict = dict(getattr(config, "quantization_config", None) or {})
+    if qdict.get("quant_method") != "qdrop":
+        raise ValueError(f"{path} is not a qdrop-quantized checkpoint (no quantization_config.quant_method='qdrop')")
+    bits = qdict.pop("quantizer_bits")
+    known = {f.name for f in dataclasses.fields(QDropConfig)}
+    qconfig = QDropConfig.from_dict({k: v for k, v in qdict.items() if k in known})
+    del config.quantization_config
+    cls = model_class or getattr(transformers, config.architectures[0])
+    model = cls(config).eval().requires_grad_(False)
+    install_quantizers(model, find_family(model), qconfig)
+    modules = dict(model.named_modules())
+    for name, n_bits in bits.items():
+        modules[name].n_bits = n_bits
+    _load_tensors(model, modules, load_file(str(path / WEIGHTS_NAME)))
+    set_quant_state(model, weights=True, acts=qconfig.act_quant)
+    model.config.quantization_config = {**qdict, "quantizer_bits": bits}
+    model.qdrop_config = qconfig
+    return model
+
+
+@torch.no_grad()
+def _load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]) -> None:
+    expected = set(model.state_dict())
+    loaded = set()
+    for key, value in state.items():
+        owner, attr = key.rsplit(".", 1)
+        if key.endswith(PACKED):
+            layer = modules[owner.rsplit(".", 1)[0]]
+            wq = layer.weight_quantizer
+            wq.codes = unpack_codes(value, wq.n_bits, layer.weight.shape).to(layer.weight.device)
+            loaded |= {f"{owner}.codes", f"{owner.rsplit('.', 1)[0]}.weight"}
+            continue
+        module = modules[owner]
+        if attr in module._parameters:
+            module._parameters[attr].data = value.to(module._parameters[attr].dtype)
+        elif attr in module._buffers:
+            module._buffers[attr] = value
+        else:
+            raise KeyError(f"unexpected tensor {key} in the checkpoint")
+        loaded.add(key)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for layer in modules.values():  # the float weight now holds the dequantized integers
+        if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
+            layer.weight.data = layer.weight_quantizer.dequantized().to(layer.weight.dtype)
+
+
+def folder_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())

@@ -55,3 +55,20 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(shared_data, tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ext,rows,message", [
+    ("tsv", "sentence\tlabel\na fine film\t1\na dull film\t2\n", "outside the model's 2 classes"),
+    ("jsonl", '{"text": "a fine film", "label": "positive"}\n{"text": "a dull film", "label": "negative"}\n',
+     "unknown to the model"),
+])
+def test_labels_the_model_does_not_know_are_refused(shared_data, tmp_path, ext, rows, message):
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.{ext}").write_text(rows)
+    out = tmp_path / "out"
+    proc = run_glue("--model_name_or_path", str(shared_data / "models/minilm-l6-sst2"),
+                    "--train_file", str(tmp_path / f"train.{ext}"), "--validation_file", str(tmp_path / f"validation.{ext}"),
+                    "--num_samples", "2", "--iters_w", "0", "--output_dir", str(out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

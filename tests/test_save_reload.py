@@ -1,0 +1,64 @@
+"""Save a quantized model, reload it in a fresh process, get bit-identical logits."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ROOT, image_batches, text_batches, tiny_bert, tiny_resnet
+from qdrop_hf import QDropConfig, quantize_model
+from qdrop_hf.hf_integration import load_quantized, save_quantized
+from qdrop_hf.packing import pack_codes, unpack_codes
+
+RELOAD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from qdrop_hf.hf_integration import load_quantized
+model = load_quantized({path!r})
+inputs = torch.load({inputs!r}, weights_only=True)
+with torch.no_grad():
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+torch.save(out.logits, {out!r})
+"""
+
+
+@pytest.mark.parametrize("n_bits", range(2, 9))
+def test_pack_round_trip_and_size(n_bits):
+    codes = torch.randint(0, 2**n_bits, (7, 13), dtype=torch.uint8)
+    packed = pack_codes(codes, n_bits)
+    assert packed.numel() == -(-codes.numel() * n_bits // 8)
+    assert torch.equal(unpack_codes(packed, n_bits, codes.shape), codes)
+
+
+@pytest.mark.parametrize("make_model,make_data", [(tiny_bert, text_batches), (tiny_resnet, image_batches)],
+                         ids=["bert", "resnet"])
+def test_reload_in_fresh_process_gives_identical_logits(tmp_path, make_model, make_data):
+    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=10, num_samples=16, batch_size=8)
+    model = quantize_model(make_model(), make_data(), config, progress=False)
+    inputs = make_data()[0]
+    with torch.no_grad():
+        expected = model(**inputs).logits if isinstance(inputs, dict) else model(inputs).logits
+    save_quantized(model, None, tmp_path / "q")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = RELOAD.format(root=str(ROOT), path=str(tmp_path / "q"), inputs=str(tmp_path / "inputs.pt"),
+                           out=str(tmp_path / "out.pt"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+    files = sorted(p.name for p in (tmp_path / "q").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "qdrop" and saved["n_bits_w"] == 3
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    packed = [k for k in keys if k.endswith("weight_quantizer.packed")]
+    assert packed and not any(k[: -len("weight_quantizer.packed")] + "weight" in keys for k in packed)
+
+
+def test_loading_a_float_checkpoint_is_refused(tmp_path):
+    tiny_bert().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a qdrop-quantized"):
+        load_quantized(tmp_path)
