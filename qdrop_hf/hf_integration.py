@@ -8,22 +8,21 @@ activation steps. Only safetensors are written or read: loading never unpickles 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .config import QDropConfig
-from .families import find_family
 from .nn import QuantLayer
 from .packing import pack_codes, unpack_codes
-from .plan import install_quantizers, set_quant_state
 from .quantizers import ActQuantizer, WeightQuantizer
 
 WEIGHTS_NAME = "model.safetensors"
+# transformers alone does not know "qdrop": it warns, skips the quantization and leaves the layers
+# random. The saved config says what to do instead.
+LOAD_WITH = "pip install qdrop_hf; import qdrop_hf before AutoModel*.from_pretrained (registers quant_method 'qdrop')"
 PACKED = "weight_quantizer.packed"
 
 
@@ -37,7 +36,8 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
             wq = layer.weight_quantizer
-            del state[f"{name}.weight"], state[f"{name}.weight_quantizer.codes"]
+            state.pop(f"{name}.weight", None)  # absent when the model itself was loaded from packed codes
+            del state[f"{name}.weight_quantizer.codes"]
             state[f"{name}.{PACKED}"] = pack_codes(wq.codes, wq.n_bits)
     seen = {}
     for key, value in state.items():  # tied tensors: safetensors wants each storage once
@@ -52,7 +52,7 @@ def save_quantized(model, tokenizer, output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.config.quantization_config = {"quant_method": "qdrop", **model.qdrop_config.to_dict(),
-                                        "quantizer_bits": _quantizer_bits(model)}
+                                        "quantizer_bits": _quantizer_bits(model), "load_with": LOAD_WITH}
     model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
     model.config.save_pretrained(output_dir)
     save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -61,31 +61,22 @@ def save_quantized(model, tokenizer, output_dir: str | Path) -> None:
 
 
 def load_quantized(path: str | Path, model_class=None) -> nn.Module:
-    """Rebuild a model saved by ``save_quantized`` (local folder) and load its quantization result."""
-    path = Path(path)
+    """Reload a folder written by ``save_quantized``: ``from_pretrained`` of its own architecture class,
+    through the ``qdrop`` quantizer registered with transformers on ``import qdrop_hf``."""
     config = transformers.AutoConfig.from_pretrained(path)
-    qdict = dict(getattr(config, "quantization_config", None) or {})
-    if qdict.get("quant_method") != "qdrop":
+    if dict(getattr(config, "quantization_config", None) or {}).get("quant_method") != "qdrop":
         raise ValueError(f"{path} is not a qdrop-quantized checkpoint (no quantization_config.quant_method='qdrop')")
-    bits = qdict.pop("quantizer_bits")
-    known = {f.name for f in dataclasses.fields(QDropConfig)}
-    qconfig = QDropConfig.from_dict({k: v for k, v in qdict.items() if k in known})
-    del config.quantization_config
     cls = model_class or getattr(transformers, config.architectures[0])
-    model = cls(config).eval().requires_grad_(False)
-    install_quantizers(model, find_family(model), qconfig)
-    modules = dict(model.named_modules())
+    return cls.from_pretrained(path).eval()
+
+
+def apply_quantizer_bits(modules: dict, bits: dict[str, int]) -> None:
     for name, n_bits in bits.items():
         modules[name].n_bits = n_bits
-    _load_tensors(model, modules, load_file(str(path / WEIGHTS_NAME)))
-    set_quant_state(model, weights=True, acts=qconfig.act_quant)
-    model.config.quantization_config = {**qdict, "quantizer_bits": bits}
-    model.qdrop_config = qconfig
-    return model
 
 
 @torch.no_grad()
-def _load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]) -> None:
+def load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]) -> None:
     expected = set(model.state_dict())
     loaded = set()
     for key, value in state.items():
@@ -109,7 +100,11 @@ def _load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor
         raise KeyError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     for layer in modules.values():  # the float weight now holds the dequantized integers
         if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
-            layer.weight.data = layer.weight_quantizer.dequantized().to(layer.weight.dtype)
+            weight = layer.weight_quantizer.dequantized().to(layer.weight.dtype)
+            if "weight" in layer._buffers:  # loaded through from_pretrained: a derived, unsaved tensor
+                layer._buffers["weight"] = weight
+            else:
+                layer.weight.data = weight
 
 
 def folder_size(path: str | Path) -> int:

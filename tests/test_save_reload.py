@@ -62,3 +62,31 @@ def test_loading_a_float_checkpoint_is_refused(tmp_path):
     tiny_bert().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a qdrop-quantized"):
         load_quantized(tmp_path)
+
+
+def test_automodel_from_pretrained_rebuilds_the_quantized_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=16),
+                           progress=False)
+    save_quantized(model, None, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "import qdrop_hf" in saved["load_with"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    batch = text_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+    assert reloaded.bert.encoder.layer[0].intermediate.dense.weight_quantizer.hardened
+    save_quantized(reloaded, None, tmp_path / "again")  # a reloaded model saves the same tensors
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "again/model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from qdrop_hf.hf_quantizer import QDropQuantizationConfig
+
+    tiny_bert().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pre-quantized"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=QDropQuantizationConfig())
