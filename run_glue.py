@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qdrop_hf import quantize_model
 from qdrop_hf.cli import QuantArguments, UserError, parse_args, check_output_dir, run_main, write_json_atomic
-from qdrop_hf.hf_integration import save_quantized
+from qdrop_hf.hf_integration import push_to_hub, save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 from qdrop_hf.quantize import resolve_device
 
@@ -68,6 +68,9 @@ class RunArguments:
     output_dir: str = field(metadata={"help": "where results.json and the quantized model go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
     skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the quantized model and its card"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "repository for --push_to_hub"})
+    hub_token: str | None = field(default=None, metadata={"help": "token for --push_to_hub (default: your login)"})
 
 
 def load_raw(data: DataArguments):
@@ -181,6 +184,8 @@ def main():
     model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, RunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
+    if run_args.push_to_hub and not run_args.hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id")
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     times = {}
     train, eval_splits = load_raw(data_args)
@@ -239,8 +244,14 @@ def main():
     results["time_s"] = times
     results["blocks"] = model.qdrop_report["units"]
     out.mkdir(parents=True, exist_ok=True)
-    save_quantized(model, tokenizer, out)
     write_json_atomic(out / "results.json", results)
+    source = data_args.train_file or f"GLUE {data_args.task_name} train split"
+    save_quantized(model, tokenizer, out, results, calibration=f"{quant_args.num_samples} random rows of {source}")
+    if run_args.push_to_hub:
+        try:
+            logger.info("pushed to %s", push_to_hub(out, run_args.hub_model_id, token=run_args.hub_token))
+        except Exception as err:  # network, auth or permission: the saved folder stays valid
+            raise UserError(f"could not push to {run_args.hub_model_id}: {err}; the quantized model is in {out}") from err
 
 
 if __name__ == "__main__":

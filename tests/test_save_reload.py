@@ -49,7 +49,7 @@ def test_reload_in_fresh_process_gives_identical_logits(tmp_path, make_model, ma
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
     files = sorted(p.name for p in (tmp_path / "q").iterdir())
-    assert files == ["config.json", "model.safetensors"]
+    assert files == ["README.md", "config.json", "model.safetensors"]
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "qdrop" and saved["n_bits_w"] == 3
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
@@ -90,3 +90,26 @@ def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):
     tiny_bert().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="pre-quantized"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=QDropQuantizationConfig())
+
+
+def test_model_card_and_exactly_the_files_an_upload_carries(tmp_path):
+    from transformers import BertTokenizerFast
+
+    from qdrop_hf.hf_integration import upload_files
+
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    results = {"fp": {"accuracy": 0.876}, "quant": {"accuracy": 0.874}}
+    out = tmp_path / "q"
+    save_quantized(model, tokenizer, out, results, calibration="256 random rows of train.tsv")
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "scratch.log").write_text("not for upload")
+    card = (out / "README.md").read_text()
+    for needle in ("W4A8", "4-bit, per output channel", "256 random rows of train.tsv", "| accuracy | 0.8760 | 0.8740 |",
+                   "import qdrop_hf", "BertForSequenceClassification.from_pretrained", "library_name: transformers"):
+        assert needle in card, needle
+    assert upload_files(out) == ["README.md", "config.json", "model.safetensors", "results.json", "tokenizer.json",
+                                 "tokenizer_config.json"]
