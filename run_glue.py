@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,8 +22,8 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from qdrop_hf import quantize_model
-from qdrop_hf.cli import QuantArguments, UserError, parse_args, check_output_dir, run_main, write_json_atomic
+from qdrop_hf.cli import (QuantArguments, RunArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
+                          run_main, write_json_atomic)
 from qdrop_hf.hf_integration import push_to_hub, save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 from qdrop_hf.quantize import resolve_device
@@ -64,10 +63,7 @@ class DataArguments:
 
 
 @dataclass
-class RunArguments:
-    output_dir: str = field(metadata={"help": "where results.json and the quantized model go"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
-    skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
+class HubRunArguments(RunArguments):
     push_to_hub: bool = field(default=False, metadata={"help": "upload the quantized model and its card"})
     hub_model_id: str | None = field(default=None, metadata={"help": "repository for --push_to_hub"})
     hub_token: str | None = field(default=None, metadata={"help": "token for --push_to_hub (default: your login)"})
@@ -181,13 +177,12 @@ def evaluate_model(model, tokenizer, encodings, references, metric_names, is_reg
 
 
 def main():
-    model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, RunArguments)
+    model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
     if run_args.push_to_hub and not run_args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id")
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
-    times = {}
     train, eval_splits = load_raw(data_args)
     if data_args.max_eval_samples:
         eval_splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in eval_splits.items()}
@@ -229,20 +224,8 @@ def main():
     device = resolve_device(config)
     results = {"config": {**asdict(model_args), **asdict(data_args), **asdict(quant_args), **asdict(run_args)},
                "text_columns": keys, "metrics": metric_names}
-    if not run_args.skip_fp_eval:
-        t = time.perf_counter()
-        results["fp"] = evaluate_all(model, "eval FP")
-        times["fp_eval"] = time.perf_counter() - t
-        logger.info("FP: %s", results["fp"])
-    t = time.perf_counter()
-    model = quantize_model(model, calibration, config)
-    times["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["quant"] = evaluate_all(model, "eval quantized")
-    times["quant_eval"] = time.perf_counter() - t
-    logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
-    results["time_s"] = times
-    results["blocks"] = model.qdrop_report["units"]
+    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_all, run_args.skip_fp_eval)
+    results.update(measured)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     source = data_args.train_file or f"GLUE {data_args.task_name} train split"

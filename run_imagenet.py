@@ -12,7 +12,6 @@ Data: ``--data_path`` with ``train/`` and ``val/`` class folders (as the seed), 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from qdrop_hf import quantize_model
-from qdrop_hf.cli import QuantArguments, UserError, check_output_dir, parse_args, run_main, write_json_atomic
+from qdrop_hf.cli import (QuantArguments, RunArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
+                          run_main, write_json_atomic)
 from qdrop_hf.quantize import resolve_device
 from qdrop_hf.vision_archs import PREPROCESS, build_arch
 
-logger = logging.getLogger("run_imagenet")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -43,13 +41,6 @@ class DataArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "class folders to evaluate on"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on N seeded random images"})
     eval_batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-
-
-@dataclass
-class RunArguments:
-    output_dir: str = field(metadata={"help": "where results.json goes"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
-    skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
 
 
 def image_folder(root: str) -> tuple[list[Path], list[int]]:
@@ -128,21 +119,12 @@ def main():
 
     device = resolve_device(config)
     results = {"config": {**asdict(model_args), **asdict(data_args), **asdict(quant_args), **asdict(run_args)}}
-    times = {}
-    if not run_args.skip_fp_eval:
-        t = time.perf_counter()
-        results["fp"] = evaluate(model, val_paths, val_labels, pre, data_args.eval_batch_size, device, "eval FP")
-        times["fp_eval"] = time.perf_counter() - t
-        logger.info("FP: %s", results["fp"])
-    t = time.perf_counter()
-    model = quantize_model(model, calibration, config)
-    times["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["quant"] = evaluate(model, val_paths, val_labels, pre, data_args.eval_batch_size, device, "eval quantized")
-    times["quant_eval"] = time.perf_counter() - t
-    logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
-    results["time_s"] = times
-    results["blocks"] = model.qdrop_report["units"]
+
+    def evaluate_on_val(model, desc):
+        return evaluate(model, val_paths, val_labels, pre, data_args.eval_batch_size, device, desc)
+
+    _, measured = quantize_and_evaluate(model, calibration, config, evaluate_on_val, run_args.skip_fp_eval)
+    results.update(measured)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
 

@@ -7,8 +7,10 @@ in the seed's ``main_imagenet.py``, so its Case 1/2/3 and No-Drop lines mean wha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from transformers import HfArgumentParser
 from .batches import CalibrationDataError
 from .config import QDropConfig, QDropConfigError
 from .families import UnsupportedModelError
+from .quantize import quantize_model
 
 
 class UserError(Exception):
@@ -58,6 +61,35 @@ class QuantArguments:
     def to_config(self) -> QDropConfig:
         names = {f.name for f in fields(QDropConfig)}
         return QDropConfig(**{k: v for k, v in vars(self).items() if k in names})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str = field(metadata={"help": "where results.json (and the quantized model) go"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
+
+
+def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, skip_fp_eval: bool):
+    """FP evaluation (unless skipped), QDrop, quantized evaluation; returns the model and the results
+    entries every script writes: ``fp``, ``quant``, ``time_s`` and the per-block ``blocks`` report."""
+    logger = logging.getLogger("qdrop_hf")
+    results, times = {}, {}
+    if not skip_fp_eval:
+        t = time.perf_counter()
+        results["fp"] = evaluate(model, "eval FP")
+        times["fp_eval"] = time.perf_counter() - t
+        logger.info("FP: %s", results["fp"])
+    t = time.perf_counter()
+    model = quantize_model(model, calibration, config)
+    times["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["quant"] = evaluate(model, "eval quantized")
+    times["quant_eval"] = time.perf_counter() - t
+    logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
+    results["time_s"] = times
+    results["blocks"] = model.qdrop_report["units"]
+    return model, results
 
 
 def parse_args(*dataclass_types):

@@ -148,8 +148,8 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
         "---",
         f"# {name} — QDrop W{cfg.n_bits_w}{acts}",
         "",
-        f"Post-training quantized with [qdrop_hf](https://arxiv.org/abs/2203.05740) (QDrop: AdaRound weights, "
-        f"LSQ activations, block reconstruction with random quantization drop).",
+        "Post-training quantized with qdrop_hf, using [QDrop](https://arxiv.org/abs/2203.05740) (AdaRound weights, "
+        "LSQ activations, block reconstruction with random quantization drop).",
         "",
         "| setting | value |",
         "|---|---|",
