@@ -7,7 +7,7 @@
         --weight 0.01 --input_prob 0.5 --prob 0.5 --iters_w 500 --output_dir outputs/r20-w4a4
 
 Data: ``--data_path`` with ``train/`` and ``val/`` class folders (as the seed), or ``--train_dir`` and
-``--validation_dir``. Writes ``<output_dir>/results.json``.
+``--validation_dir``. Writes ``<output_dir>/results.json`` and the quantized model (``load_quantized``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qdrop_hf.cli import (QuantArguments, RunArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
                           run_main, write_json_atomic)
+from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.quantize import resolve_device
 from qdrop_hf.vision_archs import PREPROCESS, build_arch
 
@@ -123,10 +124,11 @@ def main():
     def evaluate_on_val(model, desc):
         return evaluate(model, val_paths, val_labels, pre, data_args.eval_batch_size, device, desc)
 
-    _, measured = quantize_and_evaluate(model, calibration, config, evaluate_on_val, run_args.skip_fp_eval)
+    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_on_val, run_args.skip_fp_eval)
     results.update(measured)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
+    save_quantized(model, None, out, results, calibration=f"{quant_args.num_samples} random images of {train_dir}")
 
 
 if __name__ == "__main__":

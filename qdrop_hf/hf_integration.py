@@ -8,16 +8,21 @@ activation steps. Only safetensors are written or read: loading never unpickles 
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import QDropConfig
+from .families import find_family
 from .nn import QuantLayer
 from .packing import pack_codes, unpack_codes
+from .plan import install_quantizers, set_quant_state
 from .quantizers import ActQuantizer, WeightQuantizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -53,10 +58,15 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
     """Write the folder described above (config, tokenizer/processor, packed safetensors, model card)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.config.quantization_config = {"quant_method": "qdrop", **model.qdrop_config.to_dict(),
-                                        "quantizer_bits": _quantizer_bits(model), "load_with": LOAD_WITH}
-    model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
-    model.config.save_pretrained(output_dir)
+    qconfig = {"quant_method": "qdrop", **model.qdrop_config.to_dict(), "quantizer_bits": _quantizer_bits(model),
+               "load_with": LOAD_WITH}
+    if hasattr(model, "config"):
+        model.config.quantization_config = qconfig
+        model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
+        model.config.save_pretrained(output_dir)
+    else:  # a built-in architecture: its name is its whole configuration
+        (output_dir / "config.json").write_text(json.dumps({"qdrop_arch": model.qdrop_arch,
+                                                            "quantization_config": qconfig}, indent=2))
     save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
@@ -65,12 +75,33 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
 
 def load_quantized(path: str | Path, model_class=None) -> nn.Module:
     """Reload a folder written by ``save_quantized``: ``from_pretrained`` of its own architecture class,
-    through the ``qdrop`` quantizer registered with transformers on ``import qdrop_hf``."""
+    through the ``qdrop`` quantizer registered with transformers on ``import qdrop_hf``; a built-in
+    architecture (``qdrop_arch`` in config.json) is rebuilt by name and loaded the same way."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    if "qdrop_arch" in raw:
+        return _load_builtin(Path(path), raw)
     config = transformers.AutoConfig.from_pretrained(path)
     if dict(getattr(config, "quantization_config", None) or {}).get("quant_method") != "qdrop":
         raise ValueError(f"{path} is not a qdrop-quantized checkpoint (no quantization_config.quant_method='qdrop')")
     cls = model_class or getattr(transformers, config.architectures[0])
     return cls.from_pretrained(path).eval()
+
+
+def _load_builtin(path: Path, raw: dict) -> nn.Module:
+    from .vision_archs import build_arch
+
+    qdict = dict(raw["quantization_config"])
+    bits = qdict.pop("quantizer_bits")
+    known = {f.name for f in dataclasses.fields(QDropConfig)}
+    qconfig = QDropConfig.from_dict({k: v for k, v in qdict.items() if k in known})
+    model = build_arch(raw["qdrop_arch"]).requires_grad_(False)
+    install_quantizers(model, find_family(model), qconfig)
+    modules = dict(model.named_modules())
+    apply_quantizer_bits(modules, bits)
+    load_tensors(model, modules, load_file(str(path / WEIGHTS_NAME)))
+    set_quant_state(model, weights=True, acts=qconfig.act_quant)
+    model.qdrop_config = qconfig
+    return model
 
 
 def apply_quantizer_bits(modules: dict, bits: dict[str, int]) -> None:
@@ -140,7 +171,8 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
     """A model card: method, bits, calibration data, FP vs quantized metrics, and how to load it."""
     cfg = model.qdrop_config
     acts = f"A{cfg.n_bits_a}" if cfg.act_quant else "A32 (float activations)"
-    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    hf = hasattr(model, "config")
+    name = (getattr(model.config, "_name_or_path", "") if hf else model.qdrop_arch) or type(model).__name__
     lines = [
         "---",
         "library_name: transformers",
@@ -168,6 +200,8 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
             fp = results.get("fp", {}).get(metric)
             lines.append(f"| {metric} | {'-' if fp is None else f'{fp:.4f}'} | {value:.4f} |")
     cls = type(model).__name__
+    load = ([f"from transformers import {cls}", f"model = {cls}.from_pretrained(\"<this repo>\")"] if hf else
+            ["from qdrop_hf.hf_integration import load_quantized", "model = load_quantized(\"<local copy of this repo>\")"])
     lines += ["", "## Loading", "", "```python", "import qdrop_hf  # registers quant_method 'qdrop' with transformers",
-              f"from transformers import {cls}", f"model = {cls}.from_pretrained(\"<this repo>\")", "```", ""]
+              *load, "```", ""]
     return "\n".join(lines)

@@ -78,6 +78,7 @@ def build_arch(name: str, weights: str | Path | None = None) -> nn.Module:
     if name not in ARCHS:
         raise ValueError(f"unknown --arch {name!r}; built-in architectures: {', '.join(sorted(ARCHS))}")
     model = ARCHS[name]()
+    model.qdrop_arch = name  # what save_quantized records to rebuild it
     if weights is not None:
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)

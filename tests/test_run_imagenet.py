@@ -44,6 +44,10 @@ def test_run_imagenet_seed_flags_end_to_end(shared_data, tmp_path):
     assert results["fp"]["top1"] >= 60 and results["fp"]["top5"] >= results["fp"]["top1"]
     assert 0 <= results["quant"]["top1"] <= 100 and results["config"]["n_bits_w"] == 2
     assert [b["unit"] for b in results["blocks"]][:2] == ["conv1", "layer1.0"] and len(results["blocks"]) == 11
+    from qdrop_hf.hf_integration import load_quantized
+
+    reloaded = load_quantized(out)
+    assert reloaded.qdrop_config.n_bits_w == 2 and (out / "README.md").exists()
 
 
 @pytest.mark.parametrize("case,message", [("empty", "no images"), ("corrupt", "cannot read image"),
