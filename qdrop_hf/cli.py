@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -59,8 +59,7 @@ class QuantArguments:
     compile: bool = field(default=False, metadata={"help": "fuse fake-quant kernels with torch.compile"})
 
     def to_config(self) -> QDropConfig:
-        names = {f.name for f in fields(QDropConfig)}
-        return QDropConfig(**{k: v for k, v in vars(self).items() if k in names})
+        return QDropConfig.from_saved(vars(self))
 
 
 @dataclass

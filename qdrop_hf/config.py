@@ -106,5 +106,11 @@ class QDropConfig:
             raise QDropConfigError(f"unknown QDrop config fields: {unknown}")
         return cls(**values)
 
+    @classmethod
+    def from_saved(cls, values: dict) -> "QDropConfig":
+        """From a saved ``quantization_config`` or argument set: the fields of this class, the rest ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

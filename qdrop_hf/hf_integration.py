@@ -8,7 +8,6 @@ activation steps. Only safetensors are written or read: loading never unpickles 
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -90,14 +89,12 @@ def load_quantized(path: str | Path, model_class=None) -> nn.Module:
 def _load_builtin(path: Path, raw: dict) -> nn.Module:
     from .vision_archs import build_arch
 
-    qdict = dict(raw["quantization_config"])
-    bits = qdict.pop("quantizer_bits")
-    known = {f.name for f in dataclasses.fields(QDropConfig)}
-    qconfig = QDropConfig.from_dict({k: v for k, v in qdict.items() if k in known})
+    qdict = raw["quantization_config"]
+    qconfig = QDropConfig.from_saved(qdict)
     model = build_arch(raw["qdrop_arch"]).requires_grad_(False)
     install_quantizers(model, find_family(model), qconfig)
     modules = dict(model.named_modules())
-    apply_quantizer_bits(modules, bits)
+    apply_quantizer_bits(modules, qdict["quantizer_bits"])
     load_tensors(model, modules, load_file(str(path / WEIGHTS_NAME)))
     set_quant_state(model, weights=True, acts=qconfig.act_quant)
     model.qdrop_config = qconfig

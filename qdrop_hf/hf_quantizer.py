@@ -7,8 +7,6 @@ Quantizing through ``from_pretrained`` is refused: QDrop needs calibration data 
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from safetensors import safe_open
 from transformers.quantizers import HfQuantizer
@@ -37,8 +35,7 @@ class QDropQuantizationConfig(QuantizationConfigMixin):
             setattr(self, key, value)
 
     def qdrop_config(self) -> QDropConfig:
-        names = {f.name for f in dataclasses.fields(QDropConfig)}
-        return QDropConfig.from_dict({k: v for k, v in self.__dict__.items() if k in names})
+        return QDropConfig.from_saved(self.__dict__)
 
 
 class QDropHfQuantizer(HfQuantizer):
