@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from qdrop_hf.cli import (QuantArguments, RunArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          run_main, write_json_atomic)
-from qdrop_hf.hf_integration import push_to_hub, save_quantized
+from qdrop_hf.batches import padded_batches
+from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
+                          recorded_arguments, run_checkpoint, run_main, write_json_atomic)
+from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 from qdrop_hf.quantize import resolve_device
 
@@ -60,13 +61,6 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "longer inputs are truncated"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N rows only"})
     eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
-
-
-@dataclass
-class HubRunArguments(RunArguments):
-    push_to_hub: bool = field(default=False, metadata={"help": "upload the quantized model and its card"})
-    hub_model_id: str | None = field(default=None, metadata={"help": "repository for --push_to_hub"})
-    hub_token: str | None = field(default=None, metadata={"help": "token for --push_to_hub (default: your login)"})
 
 
 def load_raw(data: DataArguments):
@@ -156,20 +150,11 @@ def encode(tokenizer, rows, keys, max_len):
     return tokenizer(first, second, truncation=True, max_length=max_len)
 
 
-def length_sorted_batches(encodings, indices, batch_size, tokenizer):
-    """Padding-aware batches: samples sorted by length, each batch padded to its own longest."""
-    order = sorted(indices, key=lambda i: len(encodings["input_ids"][i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        features = [{k: encodings[k][i] for k in encodings.keys()} for i in chunk]
-        yield chunk, dict(tokenizer.pad(features, return_tensors="pt"))
-
-
 @torch.no_grad()
 def evaluate_model(model, tokenizer, encodings, references, metric_names, is_regression, batch_size, device, desc):
     model.eval().to(device)
     predictions = np.zeros(len(references), dtype=float if is_regression else int)
-    batches = list(length_sorted_batches(encodings, range(len(references)), batch_size, tokenizer))
+    batches = list(padded_batches(encodings, range(len(references)), batch_size, tokenizer))
     for chunk, batch in tqdm(batches, desc=desc):
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         predictions[chunk] = logits[:, 0].numpy() if is_regression else logits.argmax(-1).numpy()
@@ -180,8 +165,6 @@ def main():
     model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
-    if run_args.push_to_hub and not run_args.hub_model_id:
-        raise UserError("--push_to_hub needs --hub_model_id")
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     train, eval_splits = load_raw(data_args)
     if data_args.max_eval_samples:
@@ -219,22 +202,20 @@ def main():
     rng = np.random.default_rng(quant_args.seed)
     calib_rows = train.select(sorted(rng.choice(len(train), quant_args.num_samples, replace=False).tolist()))
     calib_enc = encode(tokenizer, calib_rows, keys, data_args.max_seq_length)
-    calibration = [b for _, b in length_sorted_batches(calib_enc, range(len(calib_rows)), quant_args.batch_size, tokenizer)]
+    calibration = [b for _, b in padded_batches(calib_enc, range(len(calib_rows)), quant_args.batch_size, tokenizer)]
 
     device = resolve_device(config)
-    results = {"config": {**asdict(model_args), **asdict(data_args), **asdict(quant_args), **asdict(run_args)},
+    results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
                "text_columns": keys, "metrics": metric_names}
-    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_all, run_args.skip_fp_eval)
+    checkpoint = run_checkpoint(out, results["config"])
+    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_all, run_args.skip_fp_eval, checkpoint)
     results.update(measured)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     source = data_args.train_file or f"GLUE {data_args.task_name} train split"
     save_quantized(model, tokenizer, out, results, calibration=f"{quant_args.num_samples} random rows of {source}")
-    if run_args.push_to_hub:
-        try:
-            logger.info("pushed to %s", push_to_hub(out, run_args.hub_model_id, token=run_args.hub_token))
-        except Exception as err:  # network, auth or permission: the saved folder stays valid
-            raise UserError(f"could not push to {run_args.hub_model_id}: {err}; the quantized model is in {out}") from err
+    checkpoint.clear()
+    run_args.push(out)
 
 
 if __name__ == "__main__":

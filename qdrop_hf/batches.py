@@ -70,3 +70,13 @@ def run_model(model: torch.nn.Module, batch: Any, device) -> Any:
 def token_mask(batch: Any) -> torch.Tensor | None:
     """The padding mask of a text batch (1 = real token), used to keep padding out of the loss."""
     return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def padded_batches(encodings, indices, batch_size: int, tokenizer, keys=None):
+    """Padding-aware text batches: ``(indices, batch)`` pairs with samples sorted by length and each
+    batch padded only to its own longest sample. ``keys`` picks the model inputs (default: all)."""
+    keys = list(keys or encodings.keys())
+    order = sorted(indices, key=lambda i: len(encodings["input_ids"][i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield chunk, dict(tokenizer.pad([{k: encodings[k][i] for k in keys} for i in chunk], return_tensors="pt"))

@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from .batches import CalibrationDataError
+from .checkpoint import Checkpoint, ResumeError
 from .config import QDropConfig, QDropConfigError
 from .families import UnsupportedModelError
+from .hf_integration import push_to_hub
 from .quantize import quantize_model
 
 
@@ -26,7 +29,7 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
 
 
-USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError)
+USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError, ResumeError)
 
 
 @dataclass
@@ -69,9 +72,32 @@ class RunArguments:
     skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
 
 
-def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, skip_fp_eval: bool):
-    """FP evaluation (unless skipped), QDrop, quantized evaluation; returns the model and the results
-    entries every script writes: ``fp``, ``quant``, ``time_s`` and the per-block ``blocks`` report."""
+@dataclass
+class HubRunArguments(RunArguments):
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the quantized model and its card"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "repository for --push_to_hub"})
+    hub_token: str | None = field(default=None, metadata={"help": "token for --push_to_hub (default: your login)"})
+
+    def __post_init__(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise UserError("--push_to_hub needs --hub_model_id")
+
+    def push(self, folder: Path) -> None:
+        """Upload the saved folder when asked; a failed upload leaves the folder valid and says where it is."""
+        if not self.push_to_hub:
+            return
+        try:
+            url = push_to_hub(folder, self.hub_model_id, token=self.hub_token)
+        except Exception as err:  # network, auth or permission
+            raise UserError(f"could not push to {self.hub_model_id}: {err}; the quantized model is in {folder}") from err
+        logging.getLogger("qdrop_hf").info("pushed to %s", url)
+
+
+def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, skip_fp_eval: bool,
+                          checkpoint: Checkpoint | None = None):
+    """FP evaluation (unless skipped), QDrop (resumable through ``checkpoint``), quantized evaluation;
+    returns the model and the results entries every script writes: ``fp``, ``quant``, ``time_s`` and
+    the per-block ``blocks`` report."""
     logger = logging.getLogger("qdrop_hf")
     results, times = {}, {}
     if not skip_fp_eval:
@@ -80,7 +106,7 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, ski
         times["fp_eval"] = time.perf_counter() - t
         logger.info("FP: %s", results["fp"])
     t = time.perf_counter()
-    model = quantize_model(model, calibration, config)
+    model = quantize_model(model, calibration, config, checkpoint=checkpoint)
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     results["quant"] = evaluate(model, "eval quantized")
@@ -89,6 +115,13 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, ski
     results["time_s"] = times
     results["blocks"] = model.qdrop_report["units"]
     return model, results
+
+
+def recorded_arguments(*argument_sets) -> dict:
+    """Every argument, merged, for results.json; secrets (the hub token) are left out."""
+    merged = {k: v for args in argument_sets for k, v in asdict(args).items()}
+    merged.pop("hub_token", None)
+    return merged
 
 
 def parse_args(*dataclass_types):
@@ -108,17 +141,38 @@ def run_main(main) -> None:
         sys.exit(2)
 
 
+CHECKPOINT_DIR = "qdrop_checkpoint"
+# Arguments that do not change the quantized model: a run may resume with them changed.
+NOT_IN_IDENTITY = {"output_dir", "overwrite_output_dir", "skip_fp_eval", "push_to_hub", "hub_model_id",
+                   "eval_batch_size", "max_eval_samples"}
+
+
 def check_output_dir(path: str, overwrite: bool) -> Path:
-    """Refuse a non-empty or unwritable output_dir up front, before any work and without writing."""
+    """Refuse a non-empty or unwritable output_dir up front, before any work and without writing.
+
+    A folder holding only an unfinished run's ``qdrop_checkpoint`` is accepted: the run resumes there.
+    ``overwrite`` discards such a checkpoint, so the run starts fresh."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output_dir {out} exists and is not empty; pass --overwrite_output_dir to replace it")
+    if out.exists():
+        contents = {p.name for p in out.iterdir()}
+        if overwrite:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        elif contents and contents != {CHECKPOINT_DIR}:
+            raise UserError(f"output_dir {out} exists and is not empty; pass --overwrite_output_dir to replace it")
     existing = next(p for p in [out, *out.parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise UserError(f"output_dir {out} is not writable")
     return out
+
+
+def run_checkpoint(out: Path, arguments: dict) -> Checkpoint:
+    """The resume checkpoint of a script run: in ``<output_dir>/qdrop_checkpoint``, tied to every
+    argument that changes the quantized model."""
+    checkpoint = Checkpoint(out / CHECKPOINT_DIR, {k: v for k, v in arguments.items() if k not in NOT_IN_IDENTITY})
+    checkpoint.check()  # a mismatch is refused now, before any work
+    return checkpoint
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

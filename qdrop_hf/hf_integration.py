@@ -17,6 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .archs import build_arch
 from .config import QDropConfig
 from .families import find_family
 from .nn import QuantLayer
@@ -63,8 +64,9 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
         model.config.quantization_config = qconfig
         model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
         model.config.save_pretrained(output_dir)
-    else:  # a built-in architecture: its name is its whole configuration
+    else:  # a built-in architecture: its name and variant options are its whole configuration
         (output_dir / "config.json").write_text(json.dumps({"qdrop_arch": model.qdrop_arch,
+                                                            "qdrop_arch_options": model.qdrop_arch_options,
                                                             "quantization_config": qconfig}, indent=2))
     save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -87,11 +89,9 @@ def load_quantized(path: str | Path, model_class=None) -> nn.Module:
 
 
 def _load_builtin(path: Path, raw: dict) -> nn.Module:
-    from .vision_archs import build_arch
-
     qdict = raw["quantization_config"]
     qconfig = QDropConfig.from_saved(qdict)
-    model = build_arch(raw["qdrop_arch"]).requires_grad_(False)
+    model = build_arch(raw["qdrop_arch"], default_weights=False, **raw.get("qdrop_arch_options", {})).requires_grad_(False)
     install_quantizers(model, find_family(model), qconfig)
     modules = dict(model.named_modules())
     apply_quantizer_bits(modules, qdict["quantizer_bits"])

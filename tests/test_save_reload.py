@@ -33,7 +33,7 @@ def test_pack_round_trip_and_size(n_bits):
 
 
 def cifar_resnet20():
-    from qdrop_hf.vision_archs import build_arch
+    from qdrop_hf.archs import build_arch
 
     torch.manual_seed(0)
     return build_arch("resnet20")

@@ -79,4 +79,4 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import bert, cnn, vit  # noqa: E402,F401  (registers the built-in families)
+from . import bert, builtin, cnn, vit  # noqa: E402,F401  (registers the built-in families)

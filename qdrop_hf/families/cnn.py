@@ -46,14 +46,3 @@ register_family(Family(
     act_outputs=_act_outputs("MobileNetV2ConvLayer", r"(conv_stem|layer\.\d+|mobilenet_v2\.pooler)$", skip=r"conv_1x1$"),
     prepare=fold_batchnorm,
 ))
-
-register_family(Family(
-    name="cifar_resnet",
-    model_types=("CifarResNet",),
-    body=r"^layer\d\.\d+$",
-    stem=r"^conv1$",
-    head=r"^linear$",
-    act_outputs=r"(^relu|relu1|^layer\d\.\d+)$",
-    act_inputs=r"^linear$",
-    prepare=fold_batchnorm,
-))

@@ -1,18 +1,15 @@
-"""Built-in (non-Hugging-Face) image classifiers, by ``--arch`` name, with the state-dict layouts of
-the weights users have for them.
-
-CIFAR ResNets (resnet20/32/44/56) follow the widely used CIFAR-10 recipe: 3x3 stem to 16 channels,
+"""CIFAR ResNets (resnet20/32/44/56) follow the widely used CIFAR-10 recipe: 3x3 stem to 16 channels,
 three stages of basic blocks (16/32/64 channels), option-A shortcuts (stride-2 subsampling with zero
 channel padding), global average pooling and a linear classifier; their checkpoints store
 ``{'state_dict': {'module.<name>': tensor}}``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import CIFAR, register_arch
 
 
 class ZeroPadShortcut(nn.Module):
@@ -67,21 +64,5 @@ class CifarResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(x), 1))
 
 
-ARCHS = {f"resnet{d}": (lambda d=d: CifarResNet(d)) for d in (20, 32, 44, 56)}
-# Preprocessing per architecture: input size, whether to resize/crop, normalisation.
-PREPROCESS = {name: {"size": 32, "resize": None, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-              for name in ARCHS}
-
-
-def build_arch(name: str, weights: str | Path | None = None) -> nn.Module:
-    """The architecture ``name`` with ``weights`` loaded (tensors only; nothing is unpickled)."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown --arch {name!r}; built-in architectures: {', '.join(sorted(ARCHS))}")
-    model = ARCHS[name]()
-    model.qdrop_arch = name  # what save_quantized records to rebuild it
-    if weights is not None:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        model.load_state_dict(state)
-    return model.eval()
+for depth in (20, 32, 44, 56):
+    register_arch(f"resnet{depth}", lambda depth=depth: CifarResNet(depth), CIFAR)

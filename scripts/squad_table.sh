@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The SQuAD table in README.md: fine-tune a QA head on all-MiniLM-L6-v2 (if not done yet), then FP,
+# RTN and QDrop at W8A8, W4A8, W4A4 on the held-out articles.
+# Usage: bash scripts/squad_table.sh [ITERS] [OUT]   (each run writes OUT/<name>/results.json)
+set -euo pipefail
+ITERS=${1:-200}
+OUT=${2:-outputs/squad}
+PY=${PY:-.venv/bin/python}
+M=${MODEL:-outputs/minilm-squad}
+[ -f "$M/model.safetensors" ] || $PY scripts/finetune_qa.py --output_dir "$M"
+COMMON="--model_name_or_path $M --train_file $M/train.jsonl --validation_file $M/validation.jsonl
+  --channel_wise --act_quant --order together --wwq --waq --awq --aaq --num_samples 256 --batch_size 16 --overwrite_output_dir"
+for wa in "4 8" "4 4" "8 8"; do
+  set -- $wa
+  W=$1; A=$2
+  $PY run_squad.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 0.5 --input_prob 0.5 --output_dir $OUT/w${W}a${A}-qdrop
+  $PY run_squad.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w 0 --skip_fp_eval --output_dir $OUT/w${W}a${A}-rtn
+done
+$PY - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
+    r = json.loads(p.read_text())
+    fp = r.get("fp", {})
+    print(f"{p.parent.name:12s} fp EM/F1={fp.get('exact_match', float('nan')):.2f}/{fp.get('f1', float('nan')):.2f} "
+          f"quant EM/F1={r['quant']['exact_match']:.2f}/{r['quant']['f1']:.2f} quantize={r['time_s']['quantize']:.0f}s")
+PY
