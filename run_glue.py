@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qdrop_hf.batches import padded_batches
 from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          recorded_arguments, run_checkpoint, run_main, write_json_atomic)
+                          recorded_arguments, run_checkpoint, run_main, write_outputs)
 from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 from qdrop_hf.quantize import resolve_device
@@ -210,10 +210,9 @@ def main():
     checkpoint = run_checkpoint(out, results["config"])
     model, measured = quantize_and_evaluate(model, calibration, config, evaluate_all, run_args.skip_fp_eval, checkpoint)
     results.update(measured)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
     source = data_args.train_file or f"GLUE {data_args.task_name} train split"
-    save_quantized(model, tokenizer, out, results, calibration=f"{quant_args.num_samples} random rows of {source}")
+    note = f"{quant_args.num_samples} random rows of {source}"
+    write_outputs(out, results, lambda folder: save_quantized(model, tokenizer, folder, results, calibration=note))
     checkpoint.clear()
     run_args.push(out)
 

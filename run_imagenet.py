@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from qdrop_hf.archs import build_arch, get_arch
 from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          recorded_arguments, run_checkpoint, run_main, write_json_atomic)
+                          recorded_arguments, run_checkpoint, run_main, write_outputs)
 from qdrop_hf.hf_integration import save_quantized
 from qdrop_hf.quantize import resolve_device
 
@@ -224,9 +224,8 @@ def main():
     checkpoint = run_checkpoint(out, results["config"])
     model, measured = quantize_and_evaluate(model, calibration, config, evaluate_on_val, run_args.skip_fp_eval, checkpoint)
     results.update(measured)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
-    save_quantized(model, processor, out, results, calibration=f"{quant_args.num_samples} random images of {train.source}")
+    note = f"{quant_args.num_samples} random images of {train.source}"
+    write_outputs(out, results, lambda folder: save_quantized(model, processor, folder, results, calibration=note))
     checkpoint.clear()
     run_args.push(out)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .quantizers import ActQuantizer, WeightQuantizer
 
 META = "meta.json"
@@ -86,6 +87,8 @@ class Checkpoint:
         return meta["units_done"], meta["units"]
 
     def save(self, model: nn.Module, units_done: int, units: list[dict]) -> None:
+        if not distributed.is_main():
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         state_name = f"state-{units_done:04d}.pt"
         tmp = self.dir / (state_name + ".tmp")
@@ -100,4 +103,5 @@ class Checkpoint:
                 old.unlink()
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)

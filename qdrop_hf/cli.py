@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from . import distributed
 from .batches import CalibrationDataError
 from .checkpoint import Checkpoint, ResumeError
 from .config import QDropConfig, QDropConfigError
@@ -84,7 +85,7 @@ class HubRunArguments(RunArguments):
 
     def push(self, folder: Path) -> None:
         """Upload the saved folder when asked; a failed upload leaves the folder valid and says where it is."""
-        if not self.push_to_hub:
+        if not self.push_to_hub or not distributed.is_main():
             return
         try:
             url = push_to_hub(folder, self.hub_model_id, token=self.hub_token)
@@ -133,12 +134,16 @@ def parse_args(*dataclass_types):
 
 
 def run_main(main) -> None:
-    """Run a script's ``main``; user errors become one clear line on stderr and exit code 2."""
+    """Run a script's ``main`` (in each process when launched with several); user errors become one
+    clear line on stderr and exit code 2."""
     try:
+        distributed.init()
         main()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.finish()
 
 
 CHECKPOINT_DIR = "qdrop_checkpoint"
@@ -173,6 +178,29 @@ def run_checkpoint(out: Path, arguments: dict) -> Checkpoint:
     checkpoint = Checkpoint(out / CHECKPOINT_DIR, {k: v for k, v in arguments.items() if k not in NOT_IN_IDENTITY})
     checkpoint.check()  # a mismatch is refused now, before any work
     return checkpoint
+
+
+def write_outputs(out: Path, results: dict, save_model) -> None:
+    """``results.json`` and ``save_model(folder)`` into a staging folder, then its files moved into
+    ``out``. A failure on the way (disk full, read-only or vanished folder) leaves ``out`` as it was
+    and is reported as one line. Only the main process writes."""
+    if not distributed.is_main():
+        return
+    created = not out.exists()
+    staging = out / ".staging"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write_json_atomic(staging / "results.json", results)
+        save_model(staging)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+        staging.rmdir()
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise UserError(f"could not write the results to {out}: {err.strerror or err}") from err
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

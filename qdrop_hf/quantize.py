@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import batch_len, run_model, take_batches
 from .checkpoint import Checkpoint
 from .config import QDropConfig
@@ -43,7 +44,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     torch.manual_seed(config.seed)
     device = resolve_device(config)
     use_compiled_kernels(config.compile)
-    batches = take_batches(calibration_data, config.num_samples)
+    batches = distributed.shard(take_batches(calibration_data, config.num_samples))
     model.eval().requires_grad_(False).to(device)
     t0 = time.perf_counter()
     plan = prepare_model(model, config, batches[0], device, family)

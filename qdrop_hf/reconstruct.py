@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import CalibrationDataError, run_model, token_mask
 from .config import QDropConfig
 from .plan import Unit
@@ -208,6 +209,7 @@ def unit_error(unit: Unit, cache: BlockCache) -> float:
         args, kwargs = cache.inputs(item)
         total += float(reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])) * item[3].shape[0]
         count += item[3].shape[0]
+    total, count = distributed.sum_over_processes(total, count)
     return total / max(count, 1)
 
 
@@ -222,6 +224,7 @@ def observe(quantizers: list[ActQuantizer], feed, mode: str, generator=None) -> 
         seen = [q for q in quantizers if q.observer is not None and q.observer.lo is not None]
         for q in seen:
             q.finish_observing(mode)
+        distributed.broadcast_from_main([t for q in seen for t in (q.scale, q.zero_point)])
         for q in quantizers:
             q.observer = None
 
@@ -260,6 +263,8 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                      progress: bool = True) -> dict:
     """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs."""
     device = cache.items[0][3].device
+    seed += 7919 * distributed.rank()  # each process samples its own batches and masks
+    per_process_batch = max(1, config.batch_size // distributed.world_size())  # batch_size stays the global batch
     index_gen = torch.Generator().manual_seed(seed)
     drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
     act_masks = DropMasks(config.prob, drop_gen) if config.prob < 1.0 else None
@@ -278,7 +283,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
     rec = torch.zeros(())
     try:
         for step in bar:
-            item = cache.sample(config.batch_size, index_gen)
+            item = cache.sample(per_process_batch, index_gen)
             args, kwargs = cache.inputs(item, input_masks)
             rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
             beta = schedule.beta(step)
@@ -289,6 +294,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(alphas + steps)
             if step % 100 == 0 and not math.isfinite(float(rec.detach())):
                 raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
             for opt in (w_opt, a_opt):
