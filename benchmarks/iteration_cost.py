@@ -91,6 +91,10 @@ def main():
     resnet = ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
                                                        layer_type="basic")).eval().requires_grad_(False)
     measure("ResNet basic block 16ch (batch 32)", resnet, torch.randn(32, 3, 128, 128), 1)
+    from qdrop_hf.archs import build_arch
+
+    lite = build_arch("efficientnet_lite0", default_weights=False).requires_grad_(False)
+    measure("EfficientNet-Lite0 MBConv (batch 32)", lite, torch.randn(32, 3, 224, 224), 2)
 
 
 if __name__ == "__main__":

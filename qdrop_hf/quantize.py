@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if config.act_quant and config.order == "together":
             calibrate_unit_acts(unit, cache, config.init_amode)
         set_quant_state(unit.module, weights=True, acts=acts_on)
-        entry = {"unit": unit.name, "kind": unit.kind, "rtn_error": unit_error(unit, cache)}
+        entry = {"unit": unit.name, "kind": unit.kind, "rtn_error": unit_error(unit, cache), "cache_mb": cache.nbytes() / 1e6}
         if config.iters_w > 0 and unit.layers:
             reconstruct_unit(unit, cache, config, learn_act=config.order == "together", seed=config.seed + i,
                              progress=progress)

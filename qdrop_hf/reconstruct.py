@@ -145,6 +145,15 @@ class BlockCache:
         idx = torch.randperm(n, generator=index_gen)[:batch_size].to(item[3].device)
         return _rows(item, idx, n)
 
+    def nbytes(self) -> int:
+        """Memory held by the cached tensors (inputs, quantized inputs, outputs, masks)."""
+        seen, total = set(), 0
+        for t in _tensors(self.items):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
     def check_finite(self, unit_name: str) -> None:
         """Refuse NaN/inf in the unit's float inputs or outputs, naming the unit where they appear."""
         for fp_args, _, _, target, _ in self.items:
@@ -161,6 +170,17 @@ class BlockCache:
             return self
         self.items = [_concat(self.items)]
         return self
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
 
 
 def _shapes(obj):

@@ -96,3 +96,13 @@ def test_batchnorm_folding_preserves_the_function():
         assert fold_batchnorm(model) > 0
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         assert torch.allclose(model(x).logits, ref, atol=1e-5)
+
+
+def test_nan_in_the_float_activations_is_refused_naming_the_block():
+    from qdrop_hf.reconstruct import NonFiniteActivationError
+
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.bias[0] = float("nan")  # NaN leaves layer 1
+    with pytest.raises(NonFiniteActivationError, match=r"output of bert\.encoder\.layer\.1"):
+        quantize_model(model, text_batches(2), QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
