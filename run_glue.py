@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qdrop_hf.batches import padded_batches
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          recorded_arguments, run_checkpoint, run_main, write_outputs)
-from qdrop_hf.hf_integration import save_quantized
+from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+                          recorded_arguments, run_main)
 from qdrop_hf.metrics import compute_metrics, glue_metric_names
 from qdrop_hf.quantize import resolve_device
 
@@ -207,14 +206,9 @@ def main():
     device = resolve_device(config)
     results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
                "text_columns": keys, "metrics": metric_names}
-    checkpoint = run_checkpoint(out, results["config"])
-    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_all, run_args.skip_fp_eval, checkpoint)
-    results.update(measured)
     source = data_args.train_file or f"GLUE {data_args.task_name} train split"
     note = f"{quant_args.num_samples} random rows of {source}"
-    write_outputs(out, results, lambda folder: save_quantized(model, tokenizer, folder, results, calibration=note))
-    checkpoint.clear()
-    run_args.push(out)
+    quantize_evaluate_save(out, results, model, calibration, config, evaluate_all, run_args, tokenizer, note)
 
 
 if __name__ == "__main__":

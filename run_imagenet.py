@@ -30,9 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from qdrop_hf.archs import build_arch, get_arch
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          recorded_arguments, run_checkpoint, run_main, write_outputs)
-from qdrop_hf.hf_integration import save_quantized
+from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+                          recorded_arguments, run_main)
 from qdrop_hf.quantize import resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -221,13 +220,8 @@ def main():
     def evaluate_on_val(model, desc):
         return evaluate(model, val, preprocess, data_args.eval_batch_size, device, desc)
 
-    checkpoint = run_checkpoint(out, results["config"])
-    model, measured = quantize_and_evaluate(model, calibration, config, evaluate_on_val, run_args.skip_fp_eval, checkpoint)
-    results.update(measured)
     note = f"{quant_args.num_samples} random images of {train.source}"
-    write_outputs(out, results, lambda folder: save_quantized(model, processor, folder, results, calibration=note))
-    checkpoint.clear()
-    run_args.push(out)
+    quantize_evaluate_save(out, results, model, calibration, config, evaluate_on_val, run_args, processor, note)
 
 
 if __name__ == "__main__":

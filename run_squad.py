@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from qdrop_hf.batches import padded_batches
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_and_evaluate,
-                          recorded_arguments, run_checkpoint, run_main, write_outputs)
-from qdrop_hf.hf_integration import save_quantized
+from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+                          recorded_arguments, run_main)
 from qdrop_hf.metrics import load_metric
 from qdrop_hf.qa import SquadDataError, load_squad_file, postprocess_predictions, prepare_features
 from qdrop_hf.quantize import resolve_device
@@ -138,14 +137,9 @@ def main():
 
     results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
                "eval_questions": len(validation), "eval_windows": len(features["input_ids"])}
-    checkpoint = run_checkpoint(out, results["config"])
-    model, measured = quantize_and_evaluate(model, calibration, config, evaluate, run_args.skip_fp_eval, checkpoint)
-    results.update(measured)
     source = data_args.train_file or f"{data_args.dataset_name} train split"
     note = f"{quant_args.num_samples} random windows of {source}"
-    write_outputs(out, results, lambda folder: save_quantized(model, tokenizer, folder, results, calibration=note))
-    checkpoint.clear()
-    run_args.push(out)
+    quantize_evaluate_save(out, results, model, calibration, config, evaluate, run_args, tokenizer, note)
 
 
 if __name__ == "__main__":

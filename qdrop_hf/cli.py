@@ -22,7 +22,7 @@ from .batches import CalibrationDataError
 from .checkpoint import Checkpoint, ResumeError
 from .config import QDropConfig, QDropConfigError
 from .families import UnsupportedModelError
-from .hf_integration import push_to_hub
+from .hf_integration import push_to_hub, save_quantized
 from .quantize import quantize_model
 
 
@@ -116,6 +116,20 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, ski
     results["time_s"] = times
     results["blocks"] = model.qdrop_report["units"]
     return model, results
+
+
+def quantize_evaluate_save(out: Path, results: dict, model, calibration, config: QDropConfig, evaluate,
+                           run_args: HubRunArguments, preprocessor, calibration_note: str) -> None:
+    """What every script does once model and data are loaded: FP evaluation, resumable QDrop and the
+    quantized evaluation; then ``results.json`` and the quantized model written (main process only,
+    all or nothing), the resume checkpoint removed and, when asked, the upload."""
+    checkpoint = run_checkpoint(out, results["config"])
+    model, measured = quantize_and_evaluate(model, calibration, config, evaluate, run_args.skip_fp_eval, checkpoint)
+    results.update(measured)
+    write_outputs(out, results, lambda folder: save_quantized(model, preprocessor, folder, results,
+                                                              calibration=calibration_note))
+    checkpoint.clear()
+    run_args.push(out)
 
 
 def recorded_arguments(*argument_sets) -> dict:

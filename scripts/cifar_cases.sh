@@ -15,9 +15,4 @@ $PY run_imagenet.py $SEED --order before --wwq --waq --aaq --input_prob 1.0 --pr
 $PY run_imagenet.py $SEED --order after --wwq --waq --awq --aaq --input_prob 1.0 --prob 1.0 $DATA --output_dir $OUT/case3
 $PY run_imagenet.py $SEED --order together --wwq --waq --awq --aaq --input_prob 1.0 --prob 1.0 $DATA --output_dir $OUT/nodrop
 $PY run_imagenet.py $SEED --order together --wwq --waq --awq --aaq --weight 0.01 --input_prob 0.5 --prob 0.5 $DATA --output_dir $OUT/qdrop
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    r = json.loads(p.read_text())
-    print(f"{p.parent.name:8s} top1={r['quant']['top1']:.2f} quantize={r['time_s']['quantize']:.0f}s")
-PY
+$PY scripts/summarize.py "$OUT"

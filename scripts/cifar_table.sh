@@ -17,10 +17,4 @@ for wa in "4 4" "2 4" "2 2"; do
   $PY run_imagenet.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 1 --input_prob 1 --skip_fp_eval --output_dir $OUT/w${W}a${A}-nodrop
   $PY run_imagenet.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 0.5 --input_prob 0.5 --skip_fp_eval --output_dir $OUT/w${W}a${A}-qdrop
 done
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    r = json.loads(p.read_text())
-    fp = r.get("fp", {}).get("top1", float("nan"))
-    print(f"{p.parent.name:14s} fp={fp:.2f} quant={r['quant']['top1']:.2f} quantize={r['time_s']['quantize']:.0f}s")
-PY
+$PY scripts/summarize.py "$OUT"

@@ -18,11 +18,4 @@ for wa in "4 4" "2 4"; do
   $PY run_imagenet.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 0.5 --input_prob 0.5 --output_dir $OUT/w${W}a${A}-qdrop
   $PY run_imagenet.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w 0 --skip_fp_eval --output_dir $OUT/w${W}a${A}-rtn
 done
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    r = json.loads(p.read_text())
-    fp = r.get("fp", {})
-    print(f"{p.parent.name:12s} fp top1/top5={fp.get('top1', float('nan')):.2f}/{fp.get('top5', float('nan')):.2f} "
-          f"quant top1/top5={r['quant']['top1']:.2f}/{r['quant']['top5']:.2f} quantize={r['time_s']['quantize']:.0f}s")
-PY
+$PY scripts/summarize.py "$OUT"

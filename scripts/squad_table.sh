@@ -16,11 +16,4 @@ for wa in "4 8" "4 4" "8 8"; do
   $PY run_squad.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 0.5 --input_prob 0.5 --output_dir $OUT/w${W}a${A}-qdrop
   $PY run_squad.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w 0 --skip_fp_eval --output_dir $OUT/w${W}a${A}-rtn
 done
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    r = json.loads(p.read_text())
-    fp = r.get("fp", {})
-    print(f"{p.parent.name:12s} fp EM/F1={fp.get('exact_match', float('nan')):.2f}/{fp.get('f1', float('nan')):.2f} "
-          f"quant EM/F1={r['quant']['exact_match']:.2f}/{r['quant']['f1']:.2f} quantize={r['time_s']['quantize']:.0f}s")
-PY
+$PY scripts/summarize.py "$OUT"

@@ -16,9 +16,4 @@ for wa in "4 8" "4 4" "2 4" "8 8"; do
   $PY run_glue.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w 0 --output_dir $OUT/w${W}a${A}-rtn
   $PY run_glue.py $COMMON --n_bits_w $W --n_bits_a $A --iters_w $ITERS --prob 1 --input_prob 1 --output_dir $OUT/w${W}a${A}-nodrop
 done
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    r = json.loads(p.read_text())
-    print(f"{p.parent.name:16s} fp={r['fp']['accuracy']*100:.2f} quant={r['quant']['accuracy']*100:.2f} quantize={r['time_s']['quantize']:.0f}s")
-PY
+$PY scripts/summarize.py "$OUT"
