@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .batches import CalibrationDataError
+
 # Candidate clipping ratios: 1.0, 0.99, ..., 0.21 of the observed range.
 _RATIOS = [1.0 - 0.01 * i for i in range(80)]
 _EPS = 1e-8
@@ -69,7 +71,8 @@ class ActivationObserver:
         if flat.numel() == 0:
             return
         if not torch.isfinite(flat).all():
-            raise FloatingPointError("non-finite values (NaN or inf) in an activation during calibration")
+            raise CalibrationDataError("the float model's activations are NaN/inf on the calibration data (an activation "
+                                       "outside every block): check the model and the inputs")
         lo, hi = flat.min(), flat.max()
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)

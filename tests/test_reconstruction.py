@@ -106,3 +106,13 @@ def test_nan_in_the_float_activations_is_refused_naming_the_block():
         model.bert.encoder.layer[1].output.dense.bias[0] = float("nan")  # NaN leaves layer 1
     with pytest.raises(NonFiniteActivationError, match=r"output of bert\.encoder\.layer\.1"):
         quantize_model(model, text_batches(2), QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
+
+
+def test_nan_before_the_first_block_is_a_calibration_error():
+    from qdrop_hf.batches import CalibrationDataError
+
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.bias[0] = float("nan")
+    with pytest.raises(CalibrationDataError, match="NaN/inf"):
+        quantize_model(model, text_batches(2), QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
