@@ -7,6 +7,7 @@ import string
 from collections import Counter
 
 import datasets
+import evaluate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -38,13 +39,27 @@ def best_over_golds(score, prediction: str, golds: list[str]) -> float:
     return max(score(prediction, g) for g in (golds or [""]))
 
 
-def features(with_no_answer_probability: bool) -> datasets.Features:
+def metric_info(description: str, with_no_answer_probability: bool) -> evaluate.MetricInfo:
+    """The MetricInfo of the squad (v1.1) and squad_v2 modules: predictions and references matched by id."""
     prediction = {"id": datasets.Value("string"), "prediction_text": datasets.Value("string")}
     if with_no_answer_probability:
         prediction["no_answer_probability"] = datasets.Value("float32")
     answers = datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")})
-    return datasets.Features({"predictions": prediction,
-                              "references": {"id": datasets.Value("string"), "answers": answers}})
+    return evaluate.MetricInfo(
+        description=description, citation="",
+        inputs_description=f"predictions: [{{{', '.join(map(repr, prediction))}}}]; references: [{{'id', 'answers': "
+                           "{'text': [...], 'answer_start': [...]}}] (empty lists for no answer), matched by id.",
+        features=datasets.Features({"predictions": prediction,
+                                    "references": {"id": datasets.Value("string"), "answers": answers}}))
+
+
+def predictions_by_id(predictions: list[dict], references: list[dict]) -> dict[str, dict]:
+    """Each reference's prediction, by question id; a reference without one is an error."""
+    by_id = {p["id"]: p for p in predictions}
+    missing = [r["id"] for r in references if r["id"] not in by_id]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} question(s), e.g. {missing[:3]}")
+    return by_id
 
 
 def best_threshold(scores: dict[str, float], no_answer: dict[str, float], has_answer: dict[str, bool]):

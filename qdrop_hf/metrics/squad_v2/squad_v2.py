@@ -3,22 +3,15 @@ best no-answer threshold (``best_exact``/``best_f1`` and their ``_thresh``) from
 ``no_answer_probability``."""
 import evaluate
 
-from qdrop_hf.metrics.squad_scoring import best_over_golds, best_threshold, exact, f1, features
+from qdrop_hf.metrics.squad_scoring import best_over_golds, best_threshold, exact, f1, metric_info, predictions_by_id
 
 
 class SquadV2(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="SQuAD v2.0 exact match and F1, with unanswerable questions.", citation="",
-            inputs_description="predictions: [{'id', 'prediction_text', 'no_answer_probability'}]; references: "
-                               "[{'id', 'answers': {'text': [...], 'answer_start': [...]}}] (empty for no answer).",
-            features=features(with_no_answer_probability=True))
+        return metric_info("SQuAD v2.0 exact match and F1, with unanswerable questions.", with_no_answer_probability=True)
 
     def _compute(self, predictions, references):
-        by_id = {p["id"]: p for p in predictions}
-        missing = [r["id"] for r in references if r["id"] not in by_id]
-        if missing:
-            raise ValueError(f"no prediction for {len(missing)} question(s), e.g. {missing[:3]}")
+        by_id = predictions_by_id(predictions, references)
         golds = {r["id"]: r["answers"]["text"] for r in references}
         has_answer = {q: bool(g) for q, g in golds.items()}
         no_answer = {q: float(by_id[q]["no_answer_probability"]) for q in golds}
