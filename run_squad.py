@@ -26,7 +26,7 @@ from qdrop_hf.batches import padded_batches
 from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
                           recorded_arguments, run_main)
 from qdrop_hf.metrics import load_metric
-from qdrop_hf.qa import SquadDataError, load_squad_file, postprocess_predictions, prepare_features
+from qdrop_hf.qa import SquadDataError, check_windows, load_squad_file, postprocess_predictions, prepare_features
 from qdrop_hf.quantize import resolve_device
 
 logger = logging.getLogger("run_squad")
@@ -116,8 +116,10 @@ def main():
     model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
-    if data_args.doc_stride >= data_args.max_seq_length:
-        raise UserError(f"--doc_stride {data_args.doc_stride} must be smaller than --max_seq_length {data_args.max_seq_length}")
+    try:
+        check_windows(data_args.max_seq_length, data_args.doc_stride)  # before any work
+    except SquadDataError as err:
+        raise UserError(str(err)) from err
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     train, validation = load_examples(data_args)
     if data_args.max_eval_samples:

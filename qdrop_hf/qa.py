@@ -17,7 +17,7 @@ import numpy as np
 
 
 class SquadDataError(ValueError):
-    """A SQuAD file that cannot be read: wrong layout, missing fields."""
+    """SQuAD input that cannot be used: a file with the wrong layout or missing fields, bad windows."""
 
 
 def load_squad_file(path: str | Path) -> list[dict]:
@@ -76,6 +76,12 @@ def split_by_article(examples: list[dict], n_held_out: int) -> tuple[list[dict],
     return [e for e in examples if e["title"] not in held], [e for e in examples if e["title"] in held]
 
 
+def check_windows(max_seq_length: int, doc_stride: int) -> None:
+    """Windows must advance: the overlap ``doc_stride`` has to be shorter than the window."""
+    if doc_stride >= max_seq_length:
+        raise SquadDataError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
+
+
 def _tokenize(tokenizer, examples, max_seq_length, doc_stride):
     pad_right = tokenizer.padding_side == "right"
     questions, contexts = [e["question"] for e in examples], [e["context"] for e in examples]
@@ -90,8 +96,7 @@ def prepare_features(tokenizer, examples: list[dict], max_seq_length: int = 384,
     """Windowed features. Always: model inputs, ``example_index``, and ``offset_mapping`` with ``None``
     outside the context. With ``with_positions``: ``start_positions``/``end_positions`` of the first
     gold answer, or the CLS index (0) when the answer is not inside the window (training targets)."""
-    if doc_stride >= max_seq_length:
-        raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
+    check_windows(max_seq_length, doc_stride)
     enc, context_id = _tokenize(tokenizer, examples, max_seq_length, doc_stride)
     features = {k: enc[k] for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
     features["example_index"] = list(enc["overflow_to_sample_mapping"])
@@ -141,10 +146,11 @@ def postprocess_predictions(examples: list[dict], features: dict, start_logits: 
             offsets = features["offset_mapping"][i]
             start, end = np.asarray(start_logits[i])[: len(offsets)], np.asarray(end_logits[i])[: len(offsets)]
             null_score = min(null_score, float(start[0] + end[0]))
+            best_ends = np.argsort(end)[::-1][:n_best_size]
             for s in np.argsort(start)[::-1][:n_best_size]:
                 if offsets[s] is None:
                     continue
-                for e in np.argsort(end)[::-1][:n_best_size]:
+                for e in best_ends:
                     if offsets[e] is None or e < s or e - s + 1 > max_answer_length:
                         continue
                     score = float(start[s] + end[e])
