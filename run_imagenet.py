@@ -86,8 +86,9 @@ def image_folder(root: str) -> Images:
         unnamed = [p.name for p in flat if not WNID_FILE.match(p.name)]
         if unnamed:
             raise UserError(f"{path} has no class folders and {unnamed[0]!r} is not named <wnid>_*: cannot label it")
-        wnids = sorted({WNID_FILE.match(p.name).group(1) for p in flat})
-        files = [(p, wnids.index(WNID_FILE.match(p.name).group(1))) for p in flat]
+        wnid_of = {p: WNID_FILE.match(p.name).group(1) for p in flat}
+        label_of = {wnid: index for index, wnid in enumerate(sorted(set(wnid_of.values())))}
+        files = [(p, label_of[wnid_of[p]]) for p in flat]
     if not files:
         raise UserError(f"no images found under {path}")
     return Images(lambda i: _open(files[i][0]), [label for _, label in files], str(path))
@@ -175,8 +176,6 @@ def load_data(data: DataArguments, num_samples: int, rng) -> tuple[Images, Image
             raise UserError(f"--num_calib_from_validation {n} must be between 1 and {len(val.labels) - 1}")
         order = rng.permutation(len(val.labels))
         train, val = val.subset(sorted(order[:n])), val.subset(sorted(order[n:]))
-        if num_samples > n:
-            raise UserError(f"--num_samples {num_samples} is larger than --num_calib_from_validation {n}")
     if num_samples > len(train.labels):
         raise UserError(f"--num_samples {num_samples} is larger than the {len(train.labels)} images of {train.source}")
     if data.max_eval_samples and data.max_eval_samples < len(val.labels):
