@@ -205,7 +205,7 @@ def write_outputs(out: Path, results: dict, save_model) -> None:
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        write_json_atomic(staging / "results.json", results)
+        (staging / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
         save_model(staging)
         for path in staging.iterdir():
             os.replace(path, out / path.name)
@@ -215,10 +215,3 @@ def write_outputs(out: Path, results: dict, save_model) -> None:
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise UserError(f"could not write the results to {out}: {err.strerror or err}") from err
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
