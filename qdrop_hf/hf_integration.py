@@ -92,18 +92,26 @@ def _load_builtin(path: Path, raw: dict) -> nn.Module:
     qdict = raw["quantization_config"]
     qconfig = QDropConfig.from_saved(qdict)
     model = build_arch(raw["qdrop_arch"], default_weights=False, **raw.get("qdrop_arch_options", {})).requires_grad_(False)
-    install_quantizers(model, find_family(model), qconfig)
-    modules = dict(model.named_modules())
-    apply_quantizer_bits(modules, qdict["quantizer_bits"])
-    load_tensors(model, modules, load_file(str(path / WEIGHTS_NAME)))
-    set_quant_state(model, weights=True, acts=qconfig.act_quant)
-    model.qdrop_config = qconfig
+    install_saved_quantizers(model, qconfig, qdict["quantizer_bits"])
+    finish_loading(model, qconfig, load_file(str(path / WEIGHTS_NAME)))
     return model
 
 
-def apply_quantizer_bits(modules: dict, bits: dict[str, int]) -> None:
+def install_saved_quantizers(model: nn.Module, qconfig: QDropConfig, bits: dict[str, int]) -> dict[str, nn.Module]:
+    """The quantized modules of a saved model, at the bit width each quantizer was saved with; returns
+    the model's modules by name."""
+    install_quantizers(model, find_family(model), qconfig)
+    modules = dict(model.named_modules())
     for name, n_bits in bits.items():
         modules[name].n_bits = n_bits
+    return modules
+
+
+def finish_loading(model: nn.Module, qconfig: QDropConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load the saved tensors (packed codes included) and switch the quantizers on as saved."""
+    load_tensors(model, dict(model.named_modules()), state)
+    set_quant_state(model, weights=True, acts=qconfig.act_quant)
+    model.qdrop_config = qconfig
 
 
 @torch.no_grad()

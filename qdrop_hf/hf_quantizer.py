@@ -15,10 +15,8 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QDropConfig
-from .families import find_family
-from .hf_integration import PACKED, apply_quantizer_bits, load_tensors
+from .hf_integration import PACKED, finish_loading, install_saved_quantizers
 from .nn import QuantLayer
-from .plan import install_quantizers, set_quant_state
 from .quantizers import WeightQuantizer
 
 METHOD = "qdrop"
@@ -45,9 +43,8 @@ class QDropHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("a qdrop checkpoint needs its safetensors file(s) to load")
         self.checkpoint_files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
-        install_quantizers(model, find_family(model), self.quantization_config.qdrop_config())
-        modules = dict(model.named_modules())
-        apply_quantizer_bits(modules, self.quantization_config.quantizer_bits)
+        modules = install_saved_quantizers(model, self.quantization_config.qdrop_config(),
+                                           self.quantization_config.quantizer_bits)
         for path in self.checkpoint_files:
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
@@ -74,9 +71,7 @@ class QDropHfQuantizer(HfQuantizer):
             if isinstance(m, WeightQuantizer):
                 m._buffers.pop("packed", None)
                 m._non_persistent_buffers_set.discard("codes")
-        load_tensors(model, dict(model.named_modules()), state)
-        set_quant_state(model, weights=True, acts=self.quantization_config.qdrop_config().act_quant)
-        model.qdrop_config = self.quantization_config.qdrop_config()
+        finish_loading(model, self.quantization_config.qdrop_config(), state)
         return model
 
     def is_serializable(self):
