@@ -43,6 +43,13 @@ class Arch:
 ARCHS: dict[str, Arch] = {}
 
 
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act=None) -> list[nn.Module]:
+    """Convolution ("same" padding for odd kernels, no bias), BatchNorm and, when ``act`` is given, that
+    activation: consecutive children, so that the BatchNorm folds into the convolution."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [act()] if act else layers
+
+
 def register_arch(name: str, build, preprocess: Preprocess, default_weights=None, options_from_state=None) -> None:
     ARCHS[name] = Arch(build, preprocess, default_weights, options_from_state)
 

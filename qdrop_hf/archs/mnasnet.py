@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import IMAGENET, register_arch
-from .mobilenetv2 import conv_bn
+from . import IMAGENET, conv_bn, register_arch
 
 # kernel, first stride, expansion, repeats per stack (output widths follow from the multiplier)
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
@@ -27,7 +26,7 @@ class MNasBlock(nn.Module):
         hidden = cin * expansion
         self.layers = nn.Sequential(*conv_bn(cin, hidden, 1, act=nn.ReLU),
                                     *conv_bn(hidden, hidden, kernel, stride, groups=hidden, act=nn.ReLU),
-                                    *conv_bn(hidden, cout, 1, act=None))
+                                    *conv_bn(hidden, cout, 1))
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -38,15 +37,14 @@ class MNASNet(nn.Module):
     def __init__(self, scale: float = 2.0, num_classes: int = 1000):
         super().__init__()
         d = [_round_depth(c * scale) for c in BASE_DEPTHS]
-        layers = [nn.Conv2d(3, d[0], 3, 2, 1, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(),
-                  nn.Conv2d(d[0], d[0], 3, 1, 1, groups=d[0], bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(),
-                  nn.Conv2d(d[0], d[1], 1, bias=False), nn.BatchNorm2d(d[1])]
+        layers = [*conv_bn(3, d[0], 3, 2, act=nn.ReLU), *conv_bn(d[0], d[0], 3, groups=d[0], act=nn.ReLU),
+                  *conv_bn(d[0], d[1], 1)]
         cin = d[1]
         for (kernel, stride, expansion, repeats), cout in zip(STACKS, d[2:]):
             layers.append(nn.Sequential(*[MNasBlock(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expansion)
                                           for i in range(repeats)]))
             cin = cout
-        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU()]
+        layers += conv_bn(cin, 1280, 1, act=nn.ReLU)
         self.layers = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(1280, num_classes))
 

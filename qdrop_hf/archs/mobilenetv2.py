@@ -5,25 +5,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import IMAGENET, register_arch
+from . import IMAGENET, conv_bn, register_arch
 
 # expansion, output channels, repeats, first stride
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-
-
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act=nn.ReLU6) -> list[nn.Module]:
-    """Convolution, BatchNorm and (unless ``act`` is None) an activation, as consecutive children."""
-    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return layers + [act()] if act else layers
 
 
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expansion: int):
         super().__init__()
         hidden = cin * expansion
-        expand = conv_bn(cin, hidden, 1) if expansion != 1 else []
-        self.conv = nn.Sequential(*expand, *conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                                  *conv_bn(hidden, cout, 1, act=None))
+        expand = conv_bn(cin, hidden, 1, act=nn.ReLU6) if expansion != 1 else []
+        self.conv = nn.Sequential(*expand, *conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+                                  *conv_bn(hidden, cout, 1))
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -33,12 +27,12 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000):
         super().__init__()
-        features, cin = [nn.Sequential(*conv_bn(3, 32, 3, 2))], 32
+        features, cin = [nn.Sequential(*conv_bn(3, 32, 3, 2, act=nn.ReLU6))], 32
         for expansion, cout, repeats, stride in STAGES:
             for i in range(repeats):
                 features.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expansion))
                 cin = cout
-        features.append(nn.Sequential(*conv_bn(cin, 1280, 1)))
+        features.append(nn.Sequential(*conv_bn(cin, 1280, 1, act=nn.ReLU6)))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(1280, num_classes))
 

@@ -8,11 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import IMAGENET, register_arch
-
-
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+from . import IMAGENET, conv_bn, register_arch
 
 
 class BasicBlock(nn.Module):
@@ -20,9 +16,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, planes, 3, stride)
+        self.conv1, self.bn1 = conv_bn(cin, planes, 3, stride)
         self.relu1 = nn.ReLU()
-        self.conv2, self.bn2 = _conv_bn(planes, planes, 3)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3)
         self.downsample = downsample
 
     def forward(self, x):
@@ -35,11 +31,11 @@ class Bottleneck(nn.Module):
 
     def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, planes, 1)
+        self.conv1, self.bn1 = conv_bn(cin, planes, 1)
         self.relu1 = nn.ReLU()
-        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, stride)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride)
         self.relu2 = nn.ReLU()
-        self.conv3, self.bn3 = _conv_bn(planes, planes * 4, 1)
+        self.conv3, self.bn3 = conv_bn(planes, planes * 4, 1)
         self.downsample = downsample
 
     def forward(self, x):
@@ -52,7 +48,7 @@ class ResNet(nn.Module):
     def __init__(self, block, depths, num_classes: int = 1000, deep_stem: bool = False, avg_down: bool = False):
         super().__init__()
         if deep_stem:
-            self.conv1 = nn.Sequential(*_conv_bn(3, 32, 3, 2), nn.ReLU(), *_conv_bn(32, 32, 3), nn.ReLU(),
+            self.conv1 = nn.Sequential(*conv_bn(3, 32, 3, 2, act=nn.ReLU), *conv_bn(32, 32, 3, act=nn.ReLU),
                                        nn.Conv2d(32, 64, 3, 1, 1, bias=False))
         else:
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -67,7 +63,7 @@ class ResNet(nn.Module):
                 downsample = None
                 if i == 0 and (stride != 1 or cin != planes * block.expansion):
                     pool = [nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)] if avg_down else []
-                    downsample = nn.Sequential(*pool, *_conv_bn(cin, planes * block.expansion, 1, 1 if avg_down else stride))
+                    downsample = nn.Sequential(*pool, *conv_bn(cin, planes * block.expansion, 1, 1 if avg_down else stride))
                 blocks.append(block(cin, planes, stride if i == 0 else 1, downsample))
                 cin = planes * block.expansion
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
