@@ -1,12 +1,11 @@
 """Cost of one QDrop reconstruction iteration / cost of one plain FP forward+backward of the same block.
 
-    python benchmarks/iteration_cost.py [--compile]
+    python benchmarks/iteration_cost.py
 
 Both are timed in the same run, same batch, same threads: the FP step computes the block's weight
 gradients of an MSE loss; the QDrop step is exactly what the engine's loop does per iteration
 (soft AdaRound weights, LSQ activations with random drop, rounding loss, backward).
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -15,8 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdrop_hf import QDropConfig  # noqa: E402
+from qdrop_hf.allocator import keep_freed_memory  # noqa: E402
 from qdrop_hf.plan import prepare_model, set_quant_state  # noqa: E402
-from qdrop_hf.quantizers import DropMasks, use_compiled_kernels  # noqa: E402
+from qdrop_hf.quantizers import DropMasks  # noqa: E402
 from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, capture, reconstruction_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -77,12 +77,9 @@ def measure(name, model, batch, unit_index, n=20):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--compile", action="store_true", help="use torch.compile'd fake-quant kernels")
-    args = parser.parse_args()
-    use_compiled_kernels(args.compile)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
+    kept = keep_freed_memory()  # as quantize_model does; it speeds up the FP step just as much
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, freed memory kept: {kept}")
     from transformers import AutoModelForSequenceClassification, ResNetConfig, ResNetForImageClassification
 
     bert = AutoModelForSequenceClassification.from_pretrained(SHARED / "models" / "minilm-l6-sst2").eval()

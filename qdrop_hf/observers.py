@@ -26,9 +26,12 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, n_bits: int) -> tuple[torc
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Round-to-nearest onto the grid and back to float (no gradient tricks)."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 2**n_bits - 1)
-    return (q - zero_point) * scale
+    """Round-to-nearest onto the grid and back to float (no gradient tricks).
+
+    ``(clamp(round(x / s) + zp, 0, qmax) - zp) * s`` written as ``clamp(round(x / s), -zp, qmax - zp) * s``
+    (the same values, as ``zp`` is an integer): four passes over ``x``, three of them in place.
+    """
+    return torch.div(x, scale).round_().clamp_min_(-zero_point).clamp_max_(2**n_bits - 1 - zero_point).mul_(scale)
 
 
 def search_range(rows: torch.Tensor, n_bits: int, mode: str = "mse", p: float = 2.0):

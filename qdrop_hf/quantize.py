@@ -10,12 +10,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocator import keep_freed_memory
 from .batches import batch_len, run_model, take_batches
 from .checkpoint import Checkpoint
 from .config import QDropConfig
 from .families import Family
-from .quantizers import use_compiled_kernels
 from .plan import QuantPlan, prepare_model, set_quant_state
+from .quantizers import use_compiled_kernels
 from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, observe, reconstruct_unit,
                           run_until, unit_error)
 
@@ -43,6 +44,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config)
+    keep_freed_memory()
     use_compiled_kernels(config.compile)
     batches = distributed.shard(take_batches(calibration_data, config.num_samples))
     model.eval().requires_grad_(False).to(device)

@@ -58,3 +58,17 @@ def tiny_resnet(seed=0):
 def image_batches(n_batches=4, batch=8, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]
+
+
+def minilm_sst2(layers=2):
+    """The real fine-tuned MiniLM-L6-SST2, cut to its first ``layers`` layers, with 64 SST-2 sentences in 4 batches."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not SHARED.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    path = SHARED / "models" / "minilm-l6-sst2"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lines = (SHARED / "glue" / "sst2" / "train.tsv").read_text().splitlines()[1:65]
+    sentences = [line.split("\t")[0] for line in lines]
+    batches = [dict(tokenizer(sentences[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
+    return AutoModelForSequenceClassification.from_pretrained(path, num_hidden_layers=layers).eval(), batches

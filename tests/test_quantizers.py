@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qdrop_hf.nn import QuantConv1D, QuantConv2d, QuantLinear
-from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, _fake_quant_forward
+from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, use_compiled_kernels
 
 
 def on_grid(values, scale, zero_point, n_bits):
@@ -138,28 +138,38 @@ def test_prob_one_is_no_drop_and_no_drop_outside_reconstruction():
         assert torch.equal(q(x), reference)
 
 
-def test_fused_fake_quant_gradients_match_straight_through_reference():
-    x = (torch.randn(5, 40) * 2).requires_grad_(True)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_fake_quant_matches_straight_through_reference(compiled):
+    """Values and gradients (input and LSQ step) of the one-node fake quant with drop, eager and compiled,
+    against autograd through the textbook formula; many elements clip at 3 bits."""
+    x = (torch.randn(6, 50) * 2).requires_grad_(True)
     q = ActQuantizer(3)
     q.observe()
     q(x)
     q.finish_observing("mse")
+    q.scale.data *= 0.6  # a learned step smaller than the initial one: more clipping
     q.enabled = True
     q.scale.requires_grad_(True)
-    keep = torch.rand(x.shape) < 0.5
-    q.drop_masks = lambda shape: keep
-    g = torch.randn(5, 40)
-    (q(x) * g).sum().backward()
-    gx, gs = x.grad.clone(), q.scale.grad.clone()
+    drop = (torch.rand(x.shape) < 0.5).float()
+    q.drop_masks = lambda shape, dtype: drop
+    g = torch.randn(6, 50)
+    use_compiled_kernels(compiled)
+    try:
+        out = q(x)
+        (out * g).sum().backward()
+    finally:
+        use_compiled_kernels(False)
 
     x2 = x.detach().clone().requires_grad_(True)
     s2 = q.scale.detach().clone().requires_grad_(True)
     v = x2 / s2
     v = (v.round() - v).detach() + v
     ref = (torch.clamp(v + q.zero_point, 0, 7) - q.zero_point) * s2
-    ref = torch.where(keep, ref, x2)
+    ref = torch.where(drop.bool(), x2, ref)
     (ref * g).sum().backward()
-    assert torch.allclose(gx, x2.grad, atol=1e-5)
-    assert torch.allclose(gs, s2.grad, atol=1e-4)
-    out, _, _ = _fake_quant_forward(x.detach(), q.scale.detach(), q.zero_point, 7, keep, False)
-    assert torch.allclose(out, ref.detach(), atol=1e-6)
+    clipped = (x.detach() / q.scale.detach()).round() + q.zero_point
+    assert ((clipped < 0) | (clipped > 7)).sum() > 10
+    assert torch.equal(out.detach(), ref.detach()) or torch.allclose(out, ref.detach(), atol=1e-6)
+    assert torch.equal(out[drop.bool()], x.detach()[drop.bool()])  # dropped: exactly the float value
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(q.scale.grad, s2.grad, rtol=1e-4, atol=1e-5)
