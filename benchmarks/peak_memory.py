@@ -40,22 +40,23 @@ class PeakRSS(threading.Thread):
 
 def main():
     iters = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    N = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     base = rss_mb()
     path = SHARED / "models" / "minilm-l6-sst2"
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path)
-    rows = (SHARED / "glue/sst2/train.tsv").read_text().splitlines()[1:257]
+    rows = (SHARED / "glue/sst2/train.tsv").read_text().splitlines()[1:N + 1]
     sentences = [r.split("\t")[0] for r in rows]
-    batches = [dict(tokenizer(sentences[i:i + 32], padding=True, return_tensors="pt")) for i in range(0, 256, 32)]
+    batches = [dict(tokenizer(sentences[i:i + 32], padding=True, return_tensors="pt")) for i in range(0, N, 32)]
     model_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e6
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     monitor = PeakRSS()
     monitor.start()
-    config = QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=iters, num_samples=256, batch_size=32, device=device)
+    config = QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=iters, num_samples=N, batch_size=32, device=device)
     model = quantize_model(model, batches, config, progress=False)
     monitor.running = False
     monitor.join()

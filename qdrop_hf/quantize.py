@@ -10,7 +10,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .allocator import keep_freed_memory
 from .batches import batch_len, run_model, take_batches
 from .checkpoint import Checkpoint
 from .config import QDropConfig
@@ -44,7 +43,6 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config)
-    keep_freed_memory()
     use_compiled_kernels(config.compile)
     batches = distributed.shard(take_batches(calibration_data, config.num_samples))
     model.eval().requires_grad_(False).to(device)

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocator import freed_memory_kept
 from .batches import CalibrationDataError, run_model, token_mask
 from .config import QDropConfig
 from .plan import Unit
@@ -307,28 +308,29 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
     bar = tqdm(range(config.iters_w), desc=f"reconstruct {unit.name}", disable=not progress, leave=False)
     rec = torch.zeros(())
     try:
-        for step in bar:
-            item = cache.sample(per_process_batch, index_gen)
-            args, kwargs = cache.inputs(item, input_masks)
-            rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
-            beta = schedule.beta(step)
-            loss = rec
-            if beta is not None and alphas:
-                loss = loss + config.weight * sum(layer.weight_quantizer.rounding_loss(beta) for layer in unit.layers)
-            for opt in (w_opt, a_opt):
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(alphas + steps)
-            if step % 100 == 0 and not math.isfinite(float(rec.detach())):
-                raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
-            for opt in (w_opt, a_opt):
-                if opt is not None:
-                    opt.step()
-            if a_sched is not None:
-                a_sched.step()
-            if step % 50 == 0:
-                bar.set_postfix(rec=f"{float(rec.detach()):.4g}", beta="-" if beta is None else f"{beta:.1f}")
+        with freed_memory_kept():
+            for step in bar:
+                item = cache.sample(per_process_batch, index_gen)
+                args, kwargs = cache.inputs(item, input_masks)
+                rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
+                beta = schedule.beta(step)
+                loss = rec
+                if beta is not None and alphas:
+                    loss = loss + config.weight * sum(layer.weight_quantizer.rounding_loss(beta) for layer in unit.layers)
+                for opt in (w_opt, a_opt):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients(alphas + steps)
+                if step % 100 == 0 and not math.isfinite(float(rec.detach())):
+                    raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
+                for opt in (w_opt, a_opt):
+                    if opt is not None:
+                        opt.step()
+                if a_sched is not None:
+                    a_sched.step()
+                if step % 50 == 0:
+                    bar.set_postfix(rec=f"{float(rec.detach()):.4g}", beta="-" if beta is None else f"{beta:.1f}")
     finally:
         for q in unit.act_quantizers:
             q.drop_masks = None
