@@ -96,5 +96,5 @@ class ActivationObserver:
         if self.lo is None:
             raise RuntimeError("activation observer saw no data")
         values = torch.cat(self.samples + [self.lo.reshape(1).cpu(), self.hi.reshape(1).cpu()])
-        scale, zp = search_range(values[None, :], n_bits, mode, p=2.0)
+        scale, zp = search_range(values[None, :], n_bits, mode, p=2.4)
         return scale[0], zp[0]

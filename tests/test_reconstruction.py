@@ -7,7 +7,9 @@ from conftest import image_batches, minilm_sst2, text_batches, tiny_bert, tiny_r
 from qdrop_hf import QDropConfig, quantize_model
 from qdrop_hf.fold_bn import fold_batchnorm
 from qdrop_hf.nn import QuantLayer
+from qdrop_hf.plan import Unit
 from qdrop_hf.quantizers import ActQuantizer
+from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts
 
 
 def body_units(report):
@@ -32,6 +34,36 @@ def test_reconstruction_lowers_block_error_below_round_to_nearest_resnet_block()
     assert units
     for u in units:
         assert u["error"] < u["rtn_error"], u
+
+
+def test_unit_activation_ranges_are_set_in_forward_order_on_quantized_upstream_values():
+    """The second quantizer's range is searched on what it gets at run time: the first one's 2-bit output."""
+    class TwoQuantizers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = ActQuantizer(2), ActQuantizer(2)
+
+        def forward(self, x):
+            return self.second(torch.tanh(3 * self.first(x)))
+
+    block = TwoQuantizers()
+    x = torch.randn(64, 100)
+    cache = BlockCache([{"args": (x,), "kwargs": {}, "output": x, "mask": None}], None)
+    unit = Unit("two", block, "body", act_quantizers=[block.second, block.first])  # listed out of order
+    calibrate_unit_acts(unit, cache, "mse")
+    assert block.first.enabled and block.second.enabled
+
+    def searched_on(values):
+        q = ActQuantizer(2)
+        q.observe()
+        q(values)
+        q.finish_observing("mse")
+        return q.scale
+
+    upstream = block.first(x)
+    assert len(upstream.unique()) == 4  # 2-bit values
+    assert torch.equal(block.second.scale, searched_on(torch.tanh(3 * upstream)))
+    assert not torch.equal(block.second.scale, searched_on(torch.tanh(3 * x)))
 
 
 def test_rtn_when_no_iterations_and_weights_on_grid_everywhere():
