@@ -2,9 +2,11 @@
 
     python benchmarks/iteration_cost.py
 
-Both are timed in the same run, same batch, same threads: the FP step computes the block's weight
-gradients of an MSE loss; the QDrop step is exactly what the engine's loop does per iteration
-(soft AdaRound weights, LSQ activations with random drop, rounding loss, backward).
+Both are timed in the same run, same batch, same threads, under the allocator setting the engine's
+loop runs under: the FP step computes the block's weight gradients of an MSE loss; the QDrop step is
+what the engine's loop does per iteration (soft AdaRound weights, LSQ activations with random drop,
+rounding loss, backward, fused Adam step), with the eager fake-quant kernels and again with
+``compile=True`` (torch.compile'd kernels).
 """
 import sys
 import time
@@ -16,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdrop_hf import QDropConfig  # noqa: E402
 from qdrop_hf.allocator import freed_memory_kept  # noqa: E402
 from qdrop_hf.plan import prepare_model, set_quant_state  # noqa: E402
-from qdrop_hf.quantizers import DropMasks  # noqa: E402
-from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, capture, reconstruction_loss  # noqa: E402
+from qdrop_hf.quantizers import DropMasks, use_compiled_kernels  # noqa: E402
+from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, capture, fused_adam, reconstruction_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -65,7 +67,7 @@ def measure(name, model, batch, unit_index, n=20):
     for q in unit.act_quantizers:
         q.drop_masks = masks
         q.scale.requires_grad_(True)
-    opt = torch.optim.Adam(alphas + [q.scale for q in unit.act_quantizers], lr=1e-3)
+    opt = fused_adam(alphas + [q.scale for q in unit.act_quantizers], lr=1e-3)
 
     def qdrop_step():
         loss = reconstruction_loss(unit.module(*args, **kwargs), target, mask)
@@ -75,7 +77,13 @@ def measure(name, model, batch, unit_index, n=20):
         opt.step()
 
     t_q = timed(qdrop_step, n)
-    print(f"{name:34s} FP fwd+bwd {t_fp * 1e3:7.1f} ms   QDrop iteration {t_q * 1e3:7.1f} ms   ratio {t_q / t_fp:.2f}")
+    use_compiled_kernels(True)
+    try:
+        t_c = timed(qdrop_step, n)
+    finally:
+        use_compiled_kernels(False)
+    print(f"{name:34s} FP fwd+bwd {t_fp * 1e3:6.1f} ms | QDrop iteration {t_q * 1e3:6.1f} ms, ratio {t_q / t_fp:.2f} "
+          f"| with compile=True {t_c * 1e3:6.1f} ms, ratio {t_c / t_fp:.2f}")
 
 
 def main():

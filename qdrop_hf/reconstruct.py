@@ -305,7 +305,7 @@ class RoundingSchedule:
         return self.b_end + (self.b_start - self.b_end) * max(0.0, 1.0 - rel)
 
 
-def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+def fused_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
     """Adam, fused into one kernel where torch has it (a third of the per-step cost on small blocks)."""
     return torch.optim.Adam(params, lr=lr, fused=params[0].device.type in ("cpu", "cuda"))
 
@@ -326,8 +326,8 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
         q.drop_masks = act_masks
     for s in steps:
         s.requires_grad_(True)
-    w_opt = _adam(alphas, config.round_lr) if alphas else None
-    a_opt = _adam(steps, config.lr) if steps else None
+    w_opt = fused_adam(alphas, config.round_lr) if alphas else None
+    a_opt = fused_adam(steps, config.lr) if steps else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=config.iters_w, eta_min=0.0) if a_opt else None
     schedule = RoundingSchedule(config.iters_w, config.warmup, config.b_start, config.b_end)
     bar = tqdm(range(config.iters_w), desc=f"reconstruct {unit.name}", disable=not progress, leave=False)
