@@ -50,6 +50,9 @@ class QuantArguments:
     num_samples: int = field(default=1024, metadata={"help": "calibration samples"})
     iters_w: int = field(default=20000, metadata={"help": "reconstruction iterations per block (0: round-to-nearest)"})
     batch_size: int = field(default=32, metadata={"help": "reconstruction mini-batch size"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "run each reconstruction batch in chunks of this many samples, gradients accumulated: the same "
+                "update with the activation memory of a smaller batch"})
     lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
     round_lr: float = field(default=1e-3, metadata={"help": "learning rate of the AdaRound variables"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})

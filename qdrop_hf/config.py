@@ -32,6 +32,9 @@ class QDropConfig:
     * ``wwq``/``waq``: the inputs a block is reconstructed on come from the model with quantized
       weights / activations in the blocks before it.
     * ``awq``/``aaq``: the same for whole-model activation calibration (Case 1/2).
+
+    ``micro_batch_size`` is not the method's: it runs each ``batch_size`` batch in chunks with
+    accumulated gradients, the same update with a smaller batch's activation memory.
     """
 
     n_bits_w: int = 4
@@ -48,6 +51,7 @@ class QDropConfig:
     input_prob: float = 0.5
     iters_w: int = 20000
     batch_size: int = 32
+    micro_batch_size: int | None = None
     num_samples: int = 1024
     lr: float = 4e-5
     round_lr: float = 1e-3
@@ -87,6 +91,8 @@ class QDropConfig:
         for name in ("batch_size", "num_samples"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            bad("micro_batch_size", "must be >= 1, or None for the whole batch")
         if not 0.0 <= self.warmup < 1.0:
             bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
         if self.b_start < self.b_end or self.b_end <= 0:

@@ -209,17 +209,34 @@ def _concat(items):
     return first
 
 
-def reconstruction_loss(output, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Squared error summed over channels/features, averaged over samples and positions (padding excluded)."""
+def reconstruction_loss(output, target: torch.Tensor, mask: torch.Tensor | None,
+                        positions: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Squared error summed over channels/features, averaged over samples and positions (padding excluded).
+
+    ``positions`` overrides the count averaged over: a micro-batch divides by its whole batch's count,
+    so that the micro-batch losses add up to the batch loss.
+    """
     err = (_first(output) - target).pow(2)
-    if err.dim() == 4:
-        return err.sum(1).mean()
-    if err.dim() >= 2:
-        err = err.sum(-1)
+    err = err.sum(1) if err.dim() == 4 else err.sum(-1) if err.dim() >= 2 else err
     if mask is not None and err.shape == mask.shape:
-        mask = mask.to(err.dtype)
-        return (err * mask).sum() / mask.sum().clamp(min=1)
-    return err.mean()
+        err = err * mask.to(err.dtype)
+    return err.sum() / (loss_positions(target, mask) if positions is None else positions)
+
+
+def loss_positions(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | int:
+    """How many positions ``reconstruction_loss`` averages over: samples x positions, or the unmasked tokens."""
+    shape = target.shape[:1] + target.shape[2:] if target.dim() == 4 else target.shape[:-1] if target.dim() >= 2 else target.shape
+    if mask is not None and mask.shape == shape:
+        return mask.sum().clamp(min=1)
+    return shape.numel()
+
+
+def micro_batches(item, size: int | None) -> list:
+    """``item``'s rows cut into chunks of at most ``size`` samples (the whole item when ``size`` is None)."""
+    n = item[3].shape[0]
+    if size is None or size >= n:
+        return [item]
+    return [_rows(item, torch.arange(start, min(start + size, n), device=item[3].device), n) for start in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -336,16 +353,20 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
         with freed_memory_kept():
             for step in bar:
                 item = cache.sample(per_process_batch, index_gen)
-                args, kwargs = cache.inputs(item, input_masks)
-                rec = reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])
+                positions = loss_positions(item[3], item[4])
                 beta = schedule.beta(step)
-                loss = rec
-                if beta is not None and alphas:
-                    loss = loss + config.weight * sum(layer.weight_quantizer.rounding_loss(beta) for layer in unit.layers)
                 for opt in (w_opt, a_opt):
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
-                loss.backward()
+                parts = micro_batches(item, config.micro_batch_size)
+                rec = torch.zeros(())
+                for j, part in enumerate(parts):  # gradients accumulate; the last part adds the rounding loss
+                    args, kwargs = cache.inputs(part, input_masks)
+                    loss = reconstruction_loss(unit.module(*args, **kwargs), part[3], part[4], positions)
+                    rec = rec + loss.detach()
+                    if j == len(parts) - 1 and beta is not None and alphas:
+                        loss = loss + config.weight * sum(layer.weight_quantizer.rounding_loss(beta) for layer in unit.layers)
+                    loss.backward()
                 distributed.average_gradients(alphas + steps)
                 if step % 100 == 0 and not math.isfinite(float(rec.detach())):
                     raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")

@@ -9,7 +9,7 @@ from qdrop_hf.fold_bn import fold_batchnorm
 from qdrop_hf.nn import QuantLayer
 from qdrop_hf.plan import Unit
 from qdrop_hf.quantizers import ActQuantizer
-from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts
+from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, loss_positions, micro_batches, reconstruction_loss
 
 
 def body_units(report):
@@ -28,7 +28,9 @@ def test_reconstruction_lowers_block_error_below_round_to_nearest_on_real_minilm
 
 
 def test_reconstruction_lowers_block_error_below_round_to_nearest_resnet_block():
-    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=150, batch_size=8, num_samples=32, round_lr=1e-2)
+    """Also end to end through micro-batches (8 = 3 + 3 + 2)."""
+    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=150, batch_size=8, num_samples=32, round_lr=1e-2,
+                         micro_batch_size=3)
     model = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
     units = body_units(model.qdrop_report)
     assert units
@@ -64,6 +66,36 @@ def test_unit_activation_ranges_are_set_in_forward_order_on_quantized_upstream_v
     assert len(upstream.unique()) == 4  # 2-bit values
     assert torch.equal(block.second.scale, searched_on(torch.tanh(3 * upstream)))
     assert not torch.equal(block.second.scale, searched_on(torch.tanh(3 * x)))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["tokens-with-padding", "images"])
+def test_micro_batches_accumulate_to_the_batch_gradient(padded):
+    """Uneven chunks (3+3+2 of 8 rows) divided by the whole batch's position count add up to the batch
+    loss and its gradient, padded tokens excluded."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 6)
+    if padded:
+        x, target = torch.randn(8, 5, 6), torch.randn(8, 5, 6)
+        mask = torch.ones(8, 5, dtype=torch.long)
+        mask[:5, 3:] = 0
+    else:
+        layer = torch.nn.Conv2d(6, 6, 1)
+        x, target, mask = torch.randn(8, 6, 3, 3), torch.randn(8, 6, 3, 3), None
+    item = ((x,), None, {}, target, mask)
+
+    whole = reconstruction_loss(layer(x), target, mask)
+    whole.backward()
+    expected = layer.weight.grad.clone()
+    layer.weight.grad = None
+
+    parts = micro_batches(item, 3)
+    assert [p[3].shape[0] for p in parts] == [3, 3, 2]
+    positions = loss_positions(target, mask)
+    total = sum(reconstruction_loss(layer(p[0][0]), p[3], p[4], positions) for p in parts)
+    total.backward()
+    assert total.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert torch.allclose(layer.weight.grad, expected, rtol=1e-4, atol=1e-6)
+    assert micro_batches(item, None) == [item] and micro_batches(item, 8) == [item]
 
 
 def test_rtn_when_no_iterations_and_weights_on_grid_everywhere():
