@@ -51,8 +51,8 @@ class _FakeQuant(torch.autograd.Function):
     One autograd node that saves no mask: the backward recovers which elements pass the
     straight-through gradient from ``|out - x| < s/2`` (true for in-range elements and for dropped
     ones, whose output is ``x``; a clipped element lies at least half a step from its grid value as
-    the zero point is an integer), so it saves only ``x`` and the output, which the neighbouring ops
-    keep alive anyway. The LSQ step gradient is ``sum(g * (out - x * pass)) / s``: ``round(v) - v``
+    the zero point is an integer), so it saves only ``x`` and the output: no mask, no per-element
+    step gradient, and the output is usually saved by the next op anyway. The LSQ step gradient is ``sum(g * (out - x * pass)) / s``: ``round(v) - v``
     for a kept in-range element, ``q - zp`` for a clipped one, 0 for a dropped one.
     """
 
