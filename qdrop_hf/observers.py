@@ -92,9 +92,9 @@ class ActivationObserver:
     def _gen(self, t: torch.Tensor):
         return self.generator if self.generator is not None and self.generator.device == t.device else None
 
-    def compute(self, n_bits: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, n_bits: int, mode: str, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None:
             raise RuntimeError("activation observer saw no data")
         values = torch.cat(self.samples + [self.lo.reshape(1).cpu(), self.hi.reshape(1).cpu()])
-        scale, zp = search_range(values[None, :], n_bits, mode, p=2.4)
+        scale, zp = search_range(values[None, :], n_bits, mode, p=p)
         return scale[0], zp[0]

@@ -111,6 +111,9 @@ def _forward_order(model: nn.Module, units: list[Unit], batch, device) -> list[U
 def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, family: Family | None = None) -> QuantPlan:
     family = family or find_family(model)
     install_quantizers(model, family, config)
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.range_p = family.act_range_p
     units = _forward_order(model, _find_units(model, family), example_batch, device)
     body = [i for i, u in enumerate(units) if u.kind == "body"]
     if not body:

@@ -211,6 +211,7 @@ class ActQuantizer(nn.Module):
         self.n_bits = n_bits
         self.enabled = False
         self.drop_masks: DropMasks | None = None  # set only inside block reconstruction
+        self.range_p = 2.0  # L_p error of the range search; set per model family
         self.observer: ActivationObserver | None = None
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(()))
@@ -228,7 +229,7 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def finish_observing(self, mode: str = "mse") -> None:
-        scale, zp = self.observer.compute(self.n_bits, mode)
+        scale, zp = self.observer.compute(self.n_bits, mode, self.range_p)
         self.observer = None
         self.scale.data = scale.to(self.scale.device)
         self.zero_point.copy_(zp)

@@ -35,6 +35,7 @@ for model_type, prefix, conv_layer in (("resnet", "resnet", "ResNetConvLayer"), 
         act_outputs=_act_outputs(conv_layer, rf"({prefix}\.embedder|layers\.\d+|{prefix}\.pooler)$",
                                  skip=r"embedder\.embedder$", classes=("RegNetSELayer",)),
         prepare=fold_batchnorm,
+        act_range_p=2.4,
     ))
 
 register_family(Family(
@@ -45,4 +46,5 @@ register_family(Family(
     head=r"(^classifier|mobilenet_v2\.conv_1x1)$",
     act_outputs=_act_outputs("MobileNetV2ConvLayer", r"(conv_stem|layer\.\d+|mobilenet_v2\.pooler)$", skip=r"conv_1x1$"),
     prepare=fold_batchnorm,
+    act_range_p=2.4,
 ))
