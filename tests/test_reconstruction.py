@@ -98,6 +98,16 @@ def test_micro_batches_accumulate_to_the_batch_gradient(padded):
     assert micro_batches(item, None) == [item] and micro_batches(item, 8) == [item]
 
 
+def test_activation_range_error_is_the_familys():
+    """Every activation quantizer searches its range under its family's error: L2.4 for a CNN family
+    (the reference code's), the squared error for a transformer."""
+    config = QDropConfig(n_bits_a=4, iters_w=0, num_samples=16)
+    bert = quantize_model(tiny_bert(), text_batches(), config, progress=False)
+    resnet = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+    assert {q.range_p for q in bert.modules() if isinstance(q, ActQuantizer)} == {2.0}
+    assert {q.range_p for q in resnet.modules() if isinstance(q, ActQuantizer)} == {2.4}
+
+
 def test_rtn_when_no_iterations_and_weights_on_grid_everywhere():
     model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, iters_w=0, num_samples=16), progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
