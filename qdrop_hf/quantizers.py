@@ -65,8 +65,8 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, out, scale = ctx.saved_tensors
-        grad_x, grad_scale = _KERNELS["backward"](grad, x, out, scale)
-        return grad_x, grad_scale if ctx.needs_input_grad[1] else None, None, None, None
+        grad_x, grad_scale = _KERNELS["backward"](grad, x, out, scale, ctx.needs_input_grad[1])
+        return grad_x, grad_scale, None, None, None
 
 
 def _forward(x, scale, zero_point, n_bits: int, drop):
@@ -74,10 +74,12 @@ def _forward(x, scale, zero_point, n_bits: int, drop):
     return out if drop is None else out.lerp_(x, drop)
 
 
-def _backward(grad, x, out, scale):
+def _backward(grad, x, out, scale, need_scale: bool):
     passes = (out - x).abs_()
     torch.lt(passes, scale * 0.5, out=passes)  # 1.0 where the gradient passes straight through
     grad_x = grad * passes
+    if not need_scale:  # steps not learned (order before/after): three passes saved
+        return grad_x, None
     # out - x * pass: round(v) - v (times s) where passing, q - zp (times s) where clipped
     torch.sub(out, passes.mul_(x), out=passes)
     return grad_x, torch.dot(grad.reshape(-1), passes.reshape(-1)) / scale
