@@ -29,7 +29,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """Round-to-nearest onto the grid and back to float (no gradient tricks).
 
     ``(clamp(round(x / s) + zp, 0, qmax) - zp) * s`` written as ``clamp(round(x / s), -zp, qmax - zp) * s``
-    (the same values, as ``zp`` is an integer): four passes over ``x``, three of them in place.
+    (the same values, as ``zp`` is an integer): one division, then four passes in place.
     """
     return torch.div(x, scale).round_().clamp_min_(-zero_point).clamp_max_(2**n_bits - 1 - zero_point).mul_(scale)
 
