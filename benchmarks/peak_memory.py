@@ -38,13 +38,21 @@ def rss_mb() -> float:
 
 
 class PeakRSS(threading.Thread):
+    """The peak RSS of the whole run, and of a window that ``start_window`` opens."""
+
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.running = rss_mb(), True
+        self.peak = self.window_peak = rss_mb()
+        self.running = True
+
+    def start_window(self) -> float:
+        self.window_peak = now = rss_mb()
+        return now
 
     def run(self):
         while self.running:
-            self.peak = max(self.peak, rss_mb())
+            now = rss_mb()
+            self.peak, self.window_peak = max(self.peak, now), max(self.window_peak, now)
             time.sleep(0.002)
 
 
@@ -77,9 +85,9 @@ def main():
     reconstruct = engine.reconstruct_unit
 
     def watched(unit, *args, **kwargs):  # the RSS at the loop's start and its largest rise during it
-        start = monitor.peak = rss_mb()
+        start = monitor.start_window()
         out = reconstruct(unit, *args, **kwargs)
-        rises.append((monitor.peak - start, start - base, unit.name))
+        rises.append((monitor.window_peak - start, start - base, unit.name))
         return out
 
     engine.reconstruct_unit = watched
@@ -89,7 +97,7 @@ def main():
     monitor.running = False
     monitor.join()
     engine.reconstruct_unit = reconstruct
-    peak = max([monitor.peak] + [start + rise + base for rise, start, _ in rises])
+    peak = monitor.peak
     cache_mb = max(u["cache_mb"] for u in model.qdrop_report["units"])
     target = model_mb + 2 * cache_mb
     print(f"{samples} samples, {iters} iterations/block, batch 32 in micro-batches of {micro or 32}, "
