@@ -54,7 +54,8 @@ class QuantArguments:
         "help": "run each reconstruction batch in chunks of this many samples, gradients accumulated: the same "
                 "update with the activation memory of a smaller batch"})
     lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
-    round_lr: float = field(default=1e-3, metadata={"help": "learning rate of the AdaRound variables"})
+    round_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
     b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
     b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})

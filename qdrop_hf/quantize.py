@@ -16,8 +16,8 @@ from .config import QDropConfig
 from .families import Family
 from .plan import QuantPlan, prepare_model, set_quant_state
 from .quantizers import use_compiled_kernels
-from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, observe, reconstruct_unit,
-                          run_until, unit_error)
+from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, chained_units, follow, observe,
+                          reconstruct_unit, run_until, unit_error)
 
 logger = logging.getLogger("qdrop_hf")
 
@@ -66,19 +66,28 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if done:
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
+    set_quant_state(model, weights=False, acts=False)
+    chained = chained_units(model, plan.units, batches[0], device)
+    quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
+    prev = None  # the last unit and its cache, kept when the next unit reads that unit's output
     units = tqdm(total=len(plan.units), initial=done, desc="QDrop blocks", disable=not progress)
     for i, unit in enumerate(plan.units):
         if i < done:
             continue
         t_unit = time.perf_counter()
-        set_quant_state(model, weights=False, acts=False)
-        fp = capture(model, unit.module, batches, device, with_output=True)
-        quant = None
-        if config.wwq or config.waq:
-            set_quant_state(model, weights=config.wwq, acts=config.waq and config.act_quant)
-            quant = capture(model, unit.module, batches, device, with_output=False)
+        if prev is not None:
+            fp, quant = follow(*prev, unit, quant_state, chunk=batch_len(batches[0]))
+        else:
+            set_quant_state(model, weights=False, acts=False)
+            fp = capture(model, unit.module, batches, device, with_output=True)
+            quant = None
+            if quant_state is not None:
+                set_quant_state(model, *quant_state)
+                quant = capture(model, unit.module, batches, device, with_output=False)
+        prev = None
         cache = BlockCache(fp, quant).merged(config.batch_size)
         del fp, quant
+        cache_s = time.perf_counter() - t_unit
         cache.check_finite(unit.name)
         acts_on = config.act_quant and config.order in ("before", "together")
         set_quant_state(unit.module, weights=True, acts=False)
@@ -97,9 +106,12 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             set_quant_state(unit.module, weights=True, acts=True)
         entry["error"] = unit_error(unit, cache)
         entry["time_s"] = time.perf_counter() - t_unit
+        entry["cache_s"] = cache_s
         report["units"].append(entry)
         logger.info("%s (%s): error %.4g (round-to-nearest %.4g) in %.1fs", unit.name, unit.kind,
                     entry["error"], entry["rtn_error"], entry["time_s"])
+        if i + 1 < len(plan.units) and chained[i + 1]:
+            prev = (unit, cache)
         del cache
         if checkpoint is not None:
             checkpoint.save(model, i + 1, report["units"])

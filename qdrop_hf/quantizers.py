@@ -101,6 +101,54 @@ def use_compiled_kernels(enabled: bool) -> None:
         _KERNELS.update(forward=_forward, backward=_backward)
 
 
+def _rectified_sigmoid(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) and dh/dalpha."""
+    sig = torch.sigmoid(alpha)
+    h = sig * (ZETA - GAMMA) + GAMMA
+    inside = ((h >= 0) & (h <= 1)).to(alpha.dtype)  # torch.clamp passes the gradient at the bounds too
+    return h.clamp_(0, 1), sig.mul_(1 - sig).mul_(inside * (ZETA - GAMMA))
+
+
+class _SoftWeight(torch.autograd.Function):
+    """AdaRound's soft weight ``base + h(alpha) * step`` as one node that saves nothing of its own.
+
+    Autograd through the elementwise chain would keep the sigmoid, the clamp input and the soft
+    rounding alive until backward: three weight-sized tensors per layer for every micro-batch's graph.
+    The backward recomputes ``dh/dalpha`` from ``alpha`` instead (a few passes over the weights).
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, base, step):
+        ctx.save_for_backward(alpha, step)
+        h, _ = _rectified_sigmoid(alpha)
+        return torch.addcmul(base, h, step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, step = ctx.saved_tensors
+        _, dh = _rectified_sigmoid(alpha)
+        return dh.mul_(step).mul_(grad), None, None
+
+
+class _RoundingLoss(torch.autograd.Function):
+    """sum(1 - |2h(alpha) - 1|^beta) as one node saving only ``alpha`` (backward recomputes h)."""
+
+    @staticmethod
+    def forward(ctx, alpha, beta: float):
+        ctx.save_for_backward(alpha)
+        ctx.beta = beta
+        h, _ = _rectified_sigmoid(alpha)
+        return h.numel() - h.mul_(2).sub_(1).abs_().pow_(beta).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (alpha,) = ctx.saved_tensors
+        h, dh = _rectified_sigmoid(alpha)
+        c = h.mul_(2).sub_(1)  # d/dh (-|c|^beta) = -2 beta |c|^(beta-1) sign(c)
+        d = c.abs().pow_(ctx.beta - 1).mul_(torch.sign(c)).mul_(-2 * ctx.beta)
+        return d.mul_(dh).mul_(grad), None
+
+
 class WeightQuantizer(nn.Module):
     """Asymmetric uniform weight quantizer, per output channel (``ch_axis``) or per tensor."""
 
@@ -171,11 +219,12 @@ class WeightQuantizer(nn.Module):
         return self.alpha
 
     def soft_rounding(self) -> torch.Tensor:
+        """h(alpha) in [0, 1]: the fraction of a step each weight is rounded up by."""
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
-        h = self.soft_rounding()
-        return h.numel() - (2 * h - 1).abs().pow(beta).sum()
+        """AdaRound's regulariser, sum(1 - |2h - 1|^beta): zero only when every h is 0 or 1."""
+        return _RoundingLoss.apply(self.alpha, beta)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> None:
@@ -197,7 +246,7 @@ class WeightQuantizer(nn.Module):
         if self.hardened:
             return self.dequantized().to(weight.dtype)
         if self.alpha is not None:
-            return torch.addcmul(self.w_base, self.soft_rounding(), self.w_step).to(weight.dtype)
+            return _SoftWeight.apply(self.alpha, self.w_base, self.w_step).to(weight.dtype)
         return fake_quantize(weight, self.scale, self.zero_point, self.n_bits).to(weight.dtype)
 
 

@@ -18,7 +18,7 @@ from . import distributed
 from .allocator import freed_memory_kept
 from .batches import CalibrationDataError, run_model, token_mask
 from .config import QDropConfig
-from .plan import Unit
+from .plan import Unit, set_quant_state
 from .quantizers import ActQuantizer, DropMasks
 
 ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
@@ -100,8 +100,81 @@ def run_until(model: nn.Module, module: nn.Module, batches: list, device) -> Non
         handle.remove()
 
 
+@torch.no_grad()
+def chained_units(model: nn.Module, units: list, batch, device) -> list[bool]:
+    """For each unit, whether its inputs are exactly the previous unit's output plus the same other
+    arguments (one call each, nothing in between): then its caches follow from the previous unit's
+    cache by running that unit alone, instead of re-running the model's whole prefix (``follow``)."""
+    calls: dict[int, list] = {}
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            calls.setdefault(i, []).append([args, kwargs, None])
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, output):
+            calls[i][-1][2] = _first(output)
+        return hook
+
+    handles = []
+    for i, unit in enumerate(units):
+        handles.append(unit.module.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(unit.module.register_forward_hook(post(i), with_kwargs=True))
+    try:
+        run_model(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+    chained = [False] * len(units)
+    for i in range(1, len(units)):
+        if len(calls.get(i, ())) != 1 or len(calls.get(i - 1, ())) != 1:
+            continue
+        (args, kwargs, _), (prev_args, prev_kwargs, prev_out) = calls[i][0], calls[i - 1][0]
+        chained[i] = (bool(args) and args[0] is prev_out and len(args) == len(prev_args)
+                      and all(_same(a, b) for a, b in zip(args[1:], prev_args[1:]))
+                      and kwargs.keys() == prev_kwargs.keys() and all(_same(kwargs[k], prev_kwargs[k]) for k in kwargs))
+    return chained
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str, type(None))) and a == b)
+
+
+@torch.no_grad()
+def follow(prev: Unit, prev_cache: "BlockCache", unit: Unit, quant_state: tuple[bool, bool] | None,
+           chunk: int) -> tuple[list[dict], list[dict] | None]:
+    """The records ``capture`` would give for ``unit`` when ``chained_units`` says it reads ``prev``'s output.
+
+    Float inputs are ``prev``'s cached float outputs; quantized-model inputs are ``prev`` run alone
+    (in ``quant_state``, the (weights, acts) a quantized capture uses) on its own quantized inputs;
+    float outputs are ``unit`` run in float on its float inputs. ``chunk`` rows at a time. Empties
+    ``prev_cache`` (its inputs are freed before the new outputs are computed).
+    """
+    items, prev_cache.items = prev_cache.items, []
+    quant = None
+    if quant_state is not None:
+        set_quant_state(prev.module, *quant_state)
+        quant = [{"args": (_run_rows(prev.module, *prev_cache.inputs(item), item[3].shape[0], chunk),) + tuple(item[0][1:])}
+                 for item in items]
+    fp = [{"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "mask": mask}
+          for fp_args, _, kwargs, target, mask in items]
+    del items
+    set_quant_state(unit.module, weights=False, acts=False)
+    for rec in fp:
+        rec["output"] = _run_rows(unit.module, rec["args"], rec["kwargs"], rec["args"][0].shape[0], chunk)
+    return fp, quant
+
+
+def _run_rows(module: nn.Module, args, kwargs, n: int, chunk: int) -> torch.Tensor:
+    """``module``'s (first) output on ``n`` cached rows, ``chunk`` rows at a time."""
+    parts = [_first(module(*_rows(args, slice(s, s + chunk), n), **_rows(kwargs, slice(s, s + chunk), n))).detach()
+             for s in range(0, n, chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _rows(obj, idx, n):
-    """Index the per-sample rows (leading dim == n) of every tensor in ``obj``."""
+    """Index (or slice) the per-sample rows (leading dim == n) of every tensor in ``obj``."""
     if isinstance(obj, torch.Tensor):
         return obj[idx] if obj.dim() and obj.shape[0] == n else obj
     if isinstance(obj, (list, tuple)):
@@ -349,7 +422,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
         q.drop_masks = act_masks
     for s in steps:
         s.requires_grad_(True)
-    w_opt = fused_adam(alphas, config.round_lr) if alphas else None
+    w_opt = fused_adam(alphas, config.rounding_lr) if alphas else None
     a_opt = fused_adam(steps, config.lr) if steps else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=config.iters_w, eta_min=0.0) if a_opt else None
     schedule = RoundingSchedule(config.iters_w, config.warmup, config.b_start, config.b_end)

@@ -88,6 +88,38 @@ def test_adaround_starts_at_float_weight_and_hardens_onto_grid():
     assert not torch.allclose(soft, hard)
 
 
+@pytest.mark.parametrize("beta", [20.0, 7.5, 2.0])
+def test_fused_soft_weight_and_rounding_loss_match_textbook_autograd(beta):
+    """The one-node soft weight and regulariser give the values and alpha-gradients of autograd
+    through sigmoid -> stretch -> clamp, with alphas on both sides of the clamp."""
+    w = torch.randn(16, 24)
+    q = WeightQuantizer(3)
+    q.init_range(w)
+    q.enabled = True
+    q.start_adaround(w)
+    with torch.no_grad():
+        q.alpha.copy_(torch.linspace(-6, 6, q.alpha.numel()).reshape(q.alpha.shape))
+    g = torch.randn_like(w)
+
+    def textbook():
+        h = torch.clamp(torch.sigmoid(q.alpha) * 1.2 - 0.1, 0, 1)
+        return q.w_base + h * q.w_step, h.numel() - (2 * h - 1).abs().pow(beta).sum()
+
+    for fused in (True, False):
+        q.alpha.grad = None
+        soft, reg = (q(w), q.rounding_loss(beta)) if fused else textbook()
+        ((soft * g).sum() + 0.3 * reg).backward()
+        if fused:
+            got = (soft.detach(), reg.detach(), q.alpha.grad.clone())
+        else:
+            want = (soft.detach(), reg.detach(), q.alpha.grad.clone())
+    clamped = (torch.sigmoid(q.alpha) * 1.2 - 0.1).lt(0) | (torch.sigmoid(q.alpha) * 1.2 - 0.1).gt(1)
+    assert clamped.any() and (~clamped).any()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (got[2][clamped] == 0).all()
+
+
 def test_rounding_loss_is_zero_only_for_binary_rounding():
     w = torch.randn(6, 6)
     q = WeightQuantizer(4)

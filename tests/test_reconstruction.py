@@ -199,3 +199,53 @@ def test_nan_before_the_first_block_is_a_calibration_error():
         model.bert.embeddings.LayerNorm.bias[0] = float("nan")
     with pytest.raises(CalibrationDataError, match="NaN/inf"):
         quantize_model(model, text_batches(2), QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
+
+
+def _assert_same_cache(got, ref, where=""):
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == ref.shape, where
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=where)
+    elif isinstance(ref, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(ref), where
+        for i, (g, r) in enumerate(zip(got, ref)):
+            _assert_same_cache(g, r, f"{where}[{i}]")
+    elif isinstance(ref, dict):
+        assert got.keys() == ref.keys(), where
+        for k in ref:
+            _assert_same_cache(got[k], ref[k], f"{where}.{k}")
+    else:
+        assert got == ref, where
+
+
+@pytest.mark.parametrize("which", ["resnet20", "minilm"])
+def test_chained_units_get_the_cache_a_full_capture_would_give(which, monkeypatch):
+    """A unit that reads the previous unit's output takes its float inputs, quantized-model inputs and
+    float outputs from that unit's cache (``follow``) instead of re-running the model's prefix: checked
+    against a real capture at every chained unit, after the earlier units were reconstructed."""
+    from qdrop_hf import quantize as quantize_module
+    from qdrop_hf.archs import build_arch
+    from qdrop_hf.plan import set_quant_state
+    from qdrop_hf.reconstruct import capture, follow
+
+    if which == "minilm":
+        model, batches = minilm_sst2(layers=3)
+        expected = ["bert.encoder.layer.1", "bert.encoder.layer.2", "classifier"]  # the pooler feeds the classifier
+    else:
+        model, batches = build_arch("resnet20"), image_batches(n_batches=3, batch=8)
+        expected = [f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1, 2) if (s, b) != (1, 0)]
+    config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, batch_size=8, num_samples=24 if which == "resnet20" else 64)
+    checked = []
+
+    def checked_follow(prev, prev_cache, unit, quant_state, chunk):
+        set_quant_state(model, weights=False, acts=False)
+        fp_ref = capture(model, unit.module, batches, torch.device("cpu"), with_output=True)
+        set_quant_state(model, *quant_state)
+        q_ref = capture(model, unit.module, batches, torch.device("cpu"), with_output=False)
+        fp, quant = follow(prev, prev_cache, unit, quant_state, chunk)
+        _assert_same_cache(BlockCache(fp, quant).merged(8).items, BlockCache(fp_ref, q_ref).merged(8).items, unit.name)
+        checked.append(unit.name)
+        return fp, quant
+
+    monkeypatch.setattr(quantize_module, "follow", checked_follow)
+    quantize_model(model, batches, config, progress=False)
+    assert checked == expected

@@ -23,7 +23,8 @@ def test_run_glue_end_to_end_writes_results_and_model(shared_data, tmp_path):
     out = tmp_path / "w4a8"
     proc = run_glue(*sst2_args(shared_data, out), "--n_bits_w", "4", "--n_bits_a", "8", "--channel_wise", "--act_quant",
                     "--order", "together", "--wwq", "--waq", "--awq", "--aaq", "--prob", "0.5", "--input_prob", "0.5",
-                    "--num_samples", "32", "--batch_size", "16", "--iters_w", "5", "--max_eval_samples", "128")
+                    "--num_samples", "32", "--batch_size", "16", "--iters_w", "5", "--max_eval_samples", "128",
+                    "--round_lr", "1e-3")  # 5 steps: the budget-scaled default rate (0.1) would decide on noise
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"fp", "quant", "config", "time_s"}
