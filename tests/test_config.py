@@ -31,3 +31,12 @@ def test_config_round_trips_through_dict():
     assert QDropConfig.from_dict(config.to_dict()) == config
     with pytest.raises(QDropConfigError, match="unknown"):
         QDropConfig.from_dict({"n_bits": 4})
+
+
+def test_adaround_learning_rate_fits_the_iteration_budget_unless_given():
+    assert QDropConfig(iters_w=20000).rounding_lr == pytest.approx(2.5e-3)
+    assert QDropConfig(iters_w=5000).rounding_lr == pytest.approx(1e-2)
+    assert QDropConfig(iters_w=500).rounding_lr == pytest.approx(0.1)
+    assert QDropConfig(iters_w=50).rounding_lr == pytest.approx(0.1)  # capped
+    assert QDropConfig(iters_w=200000).rounding_lr == pytest.approx(1e-3)  # floored
+    assert QDropConfig(iters_w=500, round_lr=1e-3).rounding_lr == 1e-3
