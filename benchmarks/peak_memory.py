@@ -1,10 +1,12 @@
 """Peak memory of a whole-model QDrop reconstruction against the model's size plus one block's cache.
 
-    python benchmarks/peak_memory.py [ITERS] [SAMPLES] [MICRO_BATCH]
+    python benchmarks/peak_memory.py [ITERS] [SAMPLES] [MICRO_BATCH|-] [CACHE_DTYPE]
 
 MiniLM-L6-SST2, W4A8, SAMPLES SST-2 sentences (default 1024, the method's default), batch 32 (run in
-chunks of MICRO_BATCH samples with accumulated gradients when given). RSS is
-sampled every 2 ms in a thread. Printed:
+chunks of MICRO_BATCH samples with accumulated gradients when given; "-" for none), block caches stored
+in CACHE_DTYPE (float16 or bfloat16) when given. The target's cache is always the full-precision one
+(a half-precision cache counted at twice its size; its float32 attention mask makes that a slight
+overcount). RSS is sampled every 2 ms in a thread. Printed:
 
 * the peak during ``quantize_model`` minus the RSS before the model was loaded (interpreter, torch,
   transformers), against model bytes + 2 x the largest block cache (the issue-7 target);
@@ -59,7 +61,8 @@ class PeakRSS(threading.Thread):
 def main():
     iters = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     samples = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
-    micro = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    micro = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    cache_dtype = sys.argv[4] if len(sys.argv) > 4 else None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     base = rss_mb()
@@ -92,17 +95,17 @@ def main():
 
     engine.reconstruct_unit = watched
     config = QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=iters, num_samples=samples, batch_size=32,
-                         micro_batch_size=micro, device=device)
+                         micro_batch_size=micro, cache_dtype=cache_dtype, device=device)
     model = quantize_model(model, batches, config, progress=False)
     monitor.running = False
     monitor.join()
     engine.reconstruct_unit = reconstruct
     peak = monitor.peak
-    cache_mb = max(u["cache_mb"] for u in model.qdrop_report["units"])
+    cache_mb = max(u["cache_mb"] for u in model.qdrop_report["units"]) * (2 if cache_dtype else 1)
     target = model_mb + 2 * cache_mb
     print(f"{samples} samples, {iters} iterations/block, batch 32 in micro-batches of {micro or 32}, "
-          f"torch {torch.__version__}, device {device}")
-    print(f"model {model_mb:.1f} MB, largest block cache {cache_mb:.1f} MB -> target model + 2 x cache = {target:.1f} MB")
+          f"cache stored in {cache_dtype or 'float32'}, torch {torch.__version__}, device {device}")
+    print(f"model {model_mb:.1f} MB, largest block cache (float32) {cache_mb:.1f} MB -> target model + 2 x cache = {target:.1f} MB")
     print(f"RSS before loading {base:.0f} MB, peak during quantization {peak:.0f} MB: "
           f"{peak - base:.1f} MB above the interpreter ({(peak - base) / target:.2f} x target)")
     rise, start, name = max(rises)

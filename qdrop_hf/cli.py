@@ -53,6 +53,8 @@ class QuantArguments:
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "run each reconstruction batch in chunks of this many samples, gradients accumulated: the same "
                 "update with the activation memory of a smaller batch"})
+    cache_dtype: str | None = field(default=None, metadata={
+        "help": "store block caches in float16 or bfloat16 (half the cache memory; default: the model's precision)"})
     lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
     round_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 ORDERS = ("before", "after", "together")
 RANGE_MODES = ("mse", "minmax")
+CACHE_DTYPES = ("float16", "bfloat16")
 
 
 class QDropConfigError(ValueError):
@@ -37,7 +38,8 @@ class QDropConfig:
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
 
     ``micro_batch_size`` is not the method's: it runs each ``batch_size`` batch in chunks with
-    accumulated gradients, the same update with a smaller batch's activation memory.
+    accumulated gradients, the same update with a smaller batch's activation memory. ``cache_dtype``
+    ("float16" or "bfloat16") stores each block's cached inputs and outputs at half the memory.
     """
 
     n_bits_w: int = 4
@@ -55,6 +57,7 @@ class QDropConfig:
     iters_w: int = 20000
     batch_size: int = 32
     micro_batch_size: int | None = None
+    cache_dtype: str | None = None
     num_samples: int = 1024
     lr: float = 4e-5
     round_lr: float | None = None
@@ -96,6 +99,8 @@ class QDropConfig:
                 bad(name, "must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             bad("micro_batch_size", "must be >= 1, or None for the whole batch")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            bad("cache_dtype", f"choose one of {CACHE_DTYPES}, or None to cache in the model's precision")
         if not 0.0 <= self.warmup < 1.0:
             bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
         if self.b_start < self.b_end or self.b_end <= 0:

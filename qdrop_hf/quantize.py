@@ -69,6 +69,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     set_quant_state(model, weights=False, acts=False)
     chained = chained_units(model, plan.units, batches[0], device)
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
+    cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     prev = None  # the last unit and its cache, kept when the next unit reads that unit's output
     units = tqdm(total=len(plan.units), initial=done, desc="QDrop blocks", disable=not progress)
     for i, unit in enumerate(plan.units):
@@ -85,7 +86,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
                 set_quant_state(model, *quant_state)
                 quant = capture(model, unit.module, batches, device, with_output=False)
         prev = None
-        cache = BlockCache(fp, quant).merged(config.batch_size)
+        cache = BlockCache(fp, quant, cache_dtype, chunk=batch_len(batches[0])).merged(config.batch_size)
         del fp, quant
         cache_s = time.perf_counter() - t_unit
         cache.check_finite(unit.name)

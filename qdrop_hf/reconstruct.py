@@ -155,21 +155,22 @@ def follow(prev: Unit, prev_cache: "BlockCache", unit: Unit, quant_state: tuple[
     quant = None
     if quant_state is not None:
         set_quant_state(prev.module, *quant_state)
-        quant = [{"args": (_run_rows(prev.module, *prev_cache.inputs(item), item[3].shape[0], chunk),) + tuple(item[0][1:])}
-                 for item in items]
+        quant = [{"args": (_run_rows(prev.module, *prev_cache.inputs(item), item[3].shape[0], chunk, prev_cache.dtype),)
+                  + tuple(item[0][1:])} for item in items]
     fp = [{"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "mask": mask}
           for fp_args, _, kwargs, target, mask in items]
     del items
     set_quant_state(unit.module, weights=False, acts=False)
     for rec in fp:
-        rec["output"] = _run_rows(unit.module, rec["args"], rec["kwargs"], rec["args"][0].shape[0], chunk)
+        rec["output"] = _run_rows(unit.module, rec["args"], rec["kwargs"], rec["args"][0].shape[0], chunk,
+                                  prev_cache.dtype)
     return fp, quant
 
 
-def _run_rows(module: nn.Module, args, kwargs, n: int, chunk: int) -> torch.Tensor:
-    """``module``'s (first) output on ``n`` cached rows, ``chunk`` rows at a time."""
-    parts = [_first(module(*_rows(args, slice(s, s + chunk), n), **_rows(kwargs, slice(s, s + chunk), n))).detach()
-             for s in range(0, n, chunk)]
+def _run_rows(module: nn.Module, args, kwargs, n: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """``module``'s (first) output on ``n`` cached rows, ``chunk`` rows at a time, computed in ``dtype``."""
+    parts = [_first(module(*_to(_rows(args, slice(s, s + chunk), n), dtype), **_rows(kwargs, slice(s, s + chunk), n)))
+             .detach() for s in range(0, n, chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -185,18 +186,47 @@ def _rows(obj, idx, n):
 
 
 class BlockCache:
-    """A unit's cached float inputs, quantized-model inputs (only where they differ) and float outputs."""
+    """A unit's cached float inputs, quantized-model inputs (only where they differ) and float outputs.
 
-    def __init__(self, fp: list[dict], quant: list[dict] | None):
+    With ``dtype`` (``QDropConfig.cache_dtype``) the inputs and outputs are stored in that (half)
+    precision and brought back to the compute precision a batch or a chunk at a time (``sample``,
+    ``chunks``), so a cache never exists twice in full precision.
+    """
+
+    def __init__(self, fp: list[dict], quant: list[dict] | None, dtype: torch.dtype | None = None, chunk: int = 32):
         self.items = []
+        self.dtype = fp[0]["output"].dtype  # the compute precision
+        self.chunk = chunk
         for i, rec in enumerate(fp):
+            fp[i] = None  # the caller's full-precision record goes as soon as its stored copy exists
             q_args = None
             if quant is not None:
                 q_args = tuple(
                     q if isinstance(q, torch.Tensor) and q.is_floating_point() and not torch.equal(q, f) else None
                     for q, f in zip(quant[i]["args"], rec["args"])
                 )
-            self.items.append((rec["args"], q_args, rec["kwargs"], rec["output"], rec["mask"]))
+                quant[i] = None
+            self.items.append((_to(rec["args"], dtype), _to(q_args, dtype), rec["kwargs"], _to(rec["output"], dtype),
+                               rec["mask"]))
+
+    def chunks(self, limit: int | None = None):
+        """The cached rows as items of at most ``self.chunk`` rows, in compute precision; with ``limit``,
+        only the first cached items that hold ``limit`` rows (a merged cache is one item: all of it)."""
+        seen = 0
+        for item in self.items:
+            if limit is not None and seen >= limit:
+                return
+            n = item[3].shape[0]
+            seen += n
+            for start in range(0, n, self.chunk):
+                yield self.restored(item if n <= self.chunk else _rows(item, slice(start, start + self.chunk), n))
+
+    def restored(self, item):
+        """``item`` with its stored inputs and outputs in compute precision."""
+        fp_args, q_args, kwargs, target, mask = item
+        if target.dtype == self.dtype:
+            return item
+        return _to(fp_args, self.dtype), _to(q_args, self.dtype), kwargs, _to(target, self.dtype), mask
 
     def inputs(self, item, input_masks: DropMasks | None = None):
         """Block inputs of one cached batch: quantized-model inputs, kept where ``input_masks`` says."""
@@ -215,9 +245,9 @@ class BlockCache:
         item = self.items[int(torch.randint(len(self.items), (1,), generator=index_gen))]
         n = item[3].shape[0]
         if n <= batch_size:
-            return item
+            return self.restored(item)
         idx = torch.randperm(n, generator=index_gen)[:batch_size].to(item[3].device)
-        return _rows(item, idx, n)
+        return self.restored(_rows(item, idx, n))
 
     def nbytes(self) -> int:
         """Memory held by the cached tensors (inputs, quantized inputs, outputs, masks)."""
@@ -244,6 +274,21 @@ class BlockCache:
             return self
         self.items = [_concat(self.items)]
         return self
+
+
+def _to(obj, dtype: torch.dtype | None):
+    """``obj`` with its floating-point tensors in ``dtype`` (unchanged when ``dtype`` is None)."""
+    if dtype is None or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point() or obj.dtype == dtype:
+            return obj
+        cast = obj.to(dtype)
+        # what the narrower type cannot hold (an additive attention mask at float32's minimum) stays as it is
+        return cast if obj.itemsize <= cast.itemsize or torch.isfinite(cast).all() or not torch.isfinite(obj).all() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, dtype) for v in obj)
+    return obj
 
 
 def _tensors(obj):
@@ -316,7 +361,7 @@ def micro_batches(item, size: int | None) -> list:
 def unit_error(unit: Unit, cache: BlockCache) -> float:
     """Mean reconstruction loss of the unit, in its current quantization state, on its quantized inputs."""
     total, count = 0.0, 0
-    for item in cache.items:
+    for item in cache.chunks():
         args, kwargs = cache.inputs(item)
         total += float(reconstruction_loss(unit.module(*args, **kwargs), item[3], item[4])) * item[3].shape[0]
         count += item[3].shape[0]
@@ -341,7 +386,8 @@ def observe(quantizers: list[ActQuantizer], feed, mode: str, generator=None) -> 
 
 
 def calibrate_unit_acts(unit: Unit, cache: BlockCache, mode: str) -> None:
-    """Activation ranges of one unit, from its cached quantized-model inputs (first 256 samples).
+    """Activation ranges of one unit, from its cached quantized-model inputs (the first cached batches
+    that hold 256 samples; all samples of a merged image cache, run a batch at a time).
 
     One quantizer at a time, in the order the forward pass reaches them, each enabled once set: a
     quantizer sees the activations it will get, with every quantizer before it in the unit already
@@ -353,15 +399,11 @@ def calibrate_unit_acts(unit: Unit, cache: BlockCache, mode: str) -> None:
         unit.module(*args, **kwargs)
 
     def feed():
-        seen = 0
-        for item in cache.items:
+        for item in cache.chunks(limit=ACT_CALIB_SAMPLES):
             run(item)
-            seen += item[3].shape[0]
-            if seen >= ACT_CALIB_SAMPLES:
-                break
 
-    first = cache.items[0]  # one sample of it is enough to see the call order
-    one_sample = _rows(first, torch.arange(1, device=first[3].device), first[3].shape[0])
+    first = next(cache.chunks(limit=1))  # one sample of it is enough to see the call order
+    one_sample = _rows(first, slice(0, 1), first[3].shape[0])
     for q in _call_order(unit.act_quantizers, lambda: run(one_sample)):
         observe([q], feed, mode)
         q.enabled = True
