@@ -7,8 +7,9 @@ ITERS=${1:-500}
 OUT=${2:-outputs/r20-cases}
 D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
+EXTRA=${EXTRA:-}  # flags added to every run, e.g. EXTRA="--round_lr 1e-3" (the default before session 4)
 DATA="--weights $D/cifar10-resnet/resnet20-12fca82f.th --train_dir $D/cifar10/train-subset --validation_dir $D/cifar10/test
-  --num_samples 1024 --iters_w $ITERS --skip_fp_eval --overwrite_output_dir"
+  --num_samples 1024 --iters_w $ITERS --skip_fp_eval --overwrite_output_dir $EXTRA"
 SEED="--arch resnet20 --n_bits_w 2 --channel_wise --n_bits_a 2 --act_quant"
 $PY run_imagenet.py $SEED --order after --wwq --awq --aaq --input_prob 1.0 --prob 1.0 $DATA --output_dir $OUT/case1
 $PY run_imagenet.py $SEED --order before --wwq --waq --aaq --input_prob 1.0 --prob 1.0 $DATA --output_dir $OUT/case2

@@ -7,9 +7,10 @@ ITERS=${1:-500}
 OUT=${2:-outputs/r20}
 D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
+EXTRA=${EXTRA:-}  # flags added to every run, e.g. EXTRA="--round_lr 1e-3" (the default before session 4)
 COMMON="--arch resnet20 --weights $D/cifar10-resnet/resnet20-12fca82f.th --train_dir $D/cifar10/train-subset
   --validation_dir $D/cifar10/test --channel_wise --act_quant --order together --wwq --waq --awq --aaq
-  --weight 0.01 --num_samples 1024 --overwrite_output_dir"
+  --weight 0.01 --num_samples 1024 --overwrite_output_dir $EXTRA"
 for wa in "4 4" "2 4" "2 2"; do
   set -- $wa
   W=$1; A=$2

@@ -9,9 +9,10 @@ ITERS=${1:-200}
 OUT=${2:-outputs/lite0}
 D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
+EXTRA=${EXTRA:-}  # flags added to every run, e.g. EXTRA="--round_lr 1e-3" (the default before session 4)
 COMMON="--arch efficientnet_lite0 --validation_dir $D/imagenet-sample --num_calib_from_validation 256
   --num_samples 256 --batch_size 32 --channel_wise --act_quant --order together --wwq --waq --awq --aaq
-  --weight 0.1 --overwrite_output_dir"
+  --weight 0.1 --overwrite_output_dir $EXTRA"
 for wa in "4 4" "2 4"; do
   set -- $wa
   W=$1; A=$2

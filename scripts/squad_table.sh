@@ -6,10 +6,11 @@ set -euo pipefail
 ITERS=${1:-200}
 OUT=${2:-outputs/squad}
 PY=${PY:-.venv/bin/python}
+EXTRA=${EXTRA:-}  # flags added to every run, e.g. EXTRA="--round_lr 1e-3" (the default before session 4)
 M=${MODEL:-outputs/minilm-squad}
 [ -f "$M/model.safetensors" ] || $PY scripts/finetune_qa.py --output_dir "$M"
 COMMON="--model_name_or_path $M --train_file $M/train.jsonl --validation_file $M/validation.jsonl
-  --channel_wise --act_quant --order together --wwq --waq --awq --aaq --num_samples 256 --batch_size 16 --overwrite_output_dir"
+  --channel_wise --act_quant --order together --wwq --waq --awq --aaq --num_samples 256 --batch_size 16 --overwrite_output_dir $EXTRA"
 for wa in "4 8" "4 4" "8 8"; do
   set -- $wa
   W=$1; A=$2

@@ -6,9 +6,10 @@ ITERS=${1:-200}
 OUT=${2:-outputs/sst2}
 D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
+EXTRA=${EXTRA:-}  # flags added to every run, e.g. EXTRA="--round_lr 1e-3" (the default before session 4)
 COMMON="--model_name_or_path $D/models/minilm-l6-sst2 --train_file $D/glue/sst2/train.tsv
   --validation_file $D/glue/sst2/validation.tsv --channel_wise --act_quant --order together --wwq --waq --awq --aaq
-  --num_samples 256 --batch_size 32 --overwrite_output_dir"
+  --num_samples 256 --batch_size 32 --overwrite_output_dir $EXTRA"
 for wa in "4 8" "4 4" "2 4" "8 8"; do
   set -- $wa
   W=$1; A=$2
