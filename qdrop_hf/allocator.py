@@ -35,8 +35,13 @@ _LIBC = _libc()
 
 @contextlib.contextmanager
 def freed_memory_kept():
-    """Inside: freed tensor memory is reused, not unmapped. After: defaults back, free heap trimmed."""
-    if _LIBC is None or _LIBC.mallopt(_M_MMAP_THRESHOLD, _HIGH) != 1:
+    """Before: free heap trimmed. Inside: freed tensor memory is reused, not unmapped. After: defaults
+    back, free heap trimmed again."""
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.malloc_trim(0)  # hand back what caching freed (e.g. full-precision records of a half-precision cache)
+    if _LIBC.mallopt(_M_MMAP_THRESHOLD, _HIGH) != 1:
         yield
         return
     _LIBC.mallopt(_M_TRIM_THRESHOLD, _HIGH)
