@@ -70,6 +70,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     chained = chained_units(model, plan.units, batches[0], device)
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
+    chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
     prev = None  # the last unit and its cache, kept when the next unit reads that unit's output
     units = tqdm(total=len(plan.units), initial=done, desc="QDrop blocks", disable=not progress)
     for i, unit in enumerate(plan.units):
@@ -77,7 +78,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             continue
         t_unit = time.perf_counter()
         if prev is not None:
-            fp, quant = follow(*prev, unit, quant_state, chunk=batch_len(batches[0]))
+            fp, quant = follow(*prev, unit, quant_state, chunk)
         else:
             set_quant_state(model, weights=False, acts=False)
             fp = capture(model, unit.module, batches, device, with_output=True)
@@ -86,7 +87,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
                 set_quant_state(model, *quant_state)
                 quant = capture(model, unit.module, batches, device, with_output=False)
         prev = None
-        cache = BlockCache(fp, quant, cache_dtype, chunk=batch_len(batches[0])).merged(config.batch_size)
+        cache = BlockCache(fp, quant, cache_dtype, chunk).merged(config.batch_size)
         del fp, quant
         cache_s = time.perf_counter() - t_unit
         cache.check_finite(unit.name)

@@ -218,10 +218,6 @@ class WeightQuantizer(nn.Module):
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         return self.alpha
 
-    def soft_rounding(self) -> torch.Tensor:
-        """h(alpha) in [0, 1]: the fraction of a step each weight is rounded up by."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """AdaRound's regulariser, sum(1 - |2h - 1|^beta): zero only when every h is 0 or 1."""
         return _RoundingLoss.apply(self.alpha, beta)

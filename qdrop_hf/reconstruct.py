@@ -216,10 +216,9 @@ class BlockCache:
         for item in self.items:
             if limit is not None and seen >= limit:
                 return
-            n = item[3].shape[0]
-            seen += n
-            for start in range(0, n, self.chunk):
-                yield self.restored(item if n <= self.chunk else _rows(item, slice(start, start + self.chunk), n))
+            seen += item[3].shape[0]
+            for part in micro_batches(item, self.chunk):
+                yield self.restored(part)
 
     def restored(self, item):
         """``item`` with its stored inputs and outputs in compute precision."""
@@ -354,7 +353,7 @@ def micro_batches(item, size: int | None) -> list:
     n = item[3].shape[0]
     if size is None or size >= n:
         return [item]
-    return [_rows(item, torch.arange(start, min(start + size, n), device=item[3].device), n) for start in range(0, n, size)]
+    return [_rows(item, slice(start, start + size), n) for start in range(0, n, size)]
 
 
 @torch.no_grad()
