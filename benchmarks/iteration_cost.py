@@ -19,7 +19,8 @@ from qdrop_hf import QDropConfig  # noqa: E402
 from qdrop_hf.allocator import freed_memory_kept  # noqa: E402
 from qdrop_hf.plan import prepare_model, set_quant_state  # noqa: E402
 from qdrop_hf.quantizers import DropMasks, use_compiled_kernels  # noqa: E402
-from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, capture, fused_adam, reconstruction_loss  # noqa: E402
+from qdrop_hf.cache import BlockCache  # noqa: E402
+from qdrop_hf.reconstruct import calibrate_unit_acts, capture, fused_adam, reconstruction_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -41,7 +42,7 @@ def measure(name, model, batch, unit_index, n=20):
     for layer in plan.layers:
         layer.weight_quantizer.init_range(layer.weight)
     unit = [u for u in plan.units if u.kind == "body"][unit_index]
-    cache = BlockCache(capture(model, unit.module, [batch], "cpu", with_output=True), None)
+    cache = BlockCache.of(capture(model, unit.module, [batch], "cpu", with_output=True))
     args, kwargs = cache.inputs(cache.items[0])
     target, mask = cache.items[0][3], cache.items[0][4]
 

@@ -1,10 +1,11 @@
 """Peak memory of a whole-model QDrop reconstruction against the model's size plus one block's cache.
 
-    python benchmarks/peak_memory.py [ITERS] [SAMPLES] [MICRO_BATCH|-] [CACHE_DTYPE]
+    python benchmarks/peak_memory.py [ITERS] [SAMPLES] [MICRO_BATCH|-] [CACHE_DTYPE|-] [CACHE_DIR]
 
 MiniLM-L6-SST2, W4A8, SAMPLES SST-2 sentences (default 1024, the method's default), batch 32 (run in
 chunks of MICRO_BATCH samples with accumulated gradients when given; "-" for none), block caches stored
-in CACHE_DTYPE (float16 or bfloat16) when given. The target's cache is always the full-precision one
+in CACHE_DTYPE (float16 or bfloat16) when given, and in a temporary file in CACHE_DIR when given
+(``cache_dir``: read back a batch at a time). The target's cache is always the full-precision one
 (a half-precision cache counted at twice its size; its float32 attention mask makes that a slight
 overcount). RSS is sampled every 2 ms in a thread. Printed:
 
@@ -62,7 +63,8 @@ def main():
     iters = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     samples = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
     micro = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
-    cache_dtype = sys.argv[4] if len(sys.argv) > 4 else None
+    cache_dtype = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+    cache_dir = sys.argv[5] if len(sys.argv) > 5 else None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     base = rss_mb()
@@ -95,7 +97,7 @@ def main():
 
     engine.reconstruct_unit = watched
     config = QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=iters, num_samples=samples, batch_size=32,
-                         micro_batch_size=micro, cache_dtype=cache_dtype, device=device)
+                         micro_batch_size=micro, cache_dtype=cache_dtype, cache_dir=cache_dir, device=device)
     model = quantize_model(model, batches, config, progress=False)
     monitor.running = False
     monitor.join()
@@ -104,7 +106,7 @@ def main():
     cache_mb = max(u["cache_mb"] for u in model.qdrop_report["units"]) * (2 if cache_dtype else 1)
     target = model_mb + 2 * cache_mb
     print(f"{samples} samples, {iters} iterations/block, batch 32 in micro-batches of {micro or 32}, "
-          f"cache stored in {cache_dtype or 'float32'}, torch {torch.__version__}, device {device}")
+          f"cache stored in {cache_dtype or 'float32'}{' on disk in ' + cache_dir if cache_dir else ' in memory'}, torch {torch.__version__}, device {device}")
     print(f"model {model_mb:.1f} MB, largest block cache (float32) {cache_mb:.1f} MB -> target model + 2 x cache = {target:.1f} MB")
     print(f"RSS before loading {base:.0f} MB, peak during quantization {peak:.0f} MB: "
           f"{peak - base:.1f} MB above the interpreter ({(peak - base) / target:.2f} x target)")

@@ -55,6 +55,9 @@ class QuantArguments:
                 "update with the activation memory of a smaller batch"})
     cache_dtype: str | None = field(default=None, metadata={
         "help": "store block caches in float16 or bfloat16 (half the cache memory; default: the model's precision)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "keep block caches in a temporary file in this directory, read back a batch at a time "
+                "(memory holds one batch of a cache instead of all of it)"})
     lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
     round_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
 ORDERS = ("before", "after", "together")
@@ -39,7 +40,9 @@ class QDropConfig:
 
     ``micro_batch_size`` is not the method's: it runs each ``batch_size`` batch in chunks with
     accumulated gradients, the same update with a smaller batch's activation memory. ``cache_dtype``
-    ("float16" or "bfloat16") stores each block's cached inputs and outputs at half the memory.
+    ("float16" or "bfloat16") stores each block's cached inputs and outputs at half the memory;
+    ``cache_dir`` stores them in an unlinked temporary file in that directory, read back a batch at a
+    time (memory then holds one batch of the cache, not all of it).
     """
 
     n_bits_w: int = 4
@@ -58,6 +61,7 @@ class QDropConfig:
     batch_size: int = 32
     micro_batch_size: int | None = None
     cache_dtype: str | None = None
+    cache_dir: str | None = None
     num_samples: int = 1024
     lr: float = 4e-5
     round_lr: float | None = None
@@ -101,6 +105,8 @@ class QDropConfig:
             bad("micro_batch_size", "must be >= 1, or None for the whole batch")
         if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             bad("cache_dtype", f"choose one of {CACHE_DTYPES}, or None to cache in the model's precision")
+        if self.cache_dir is not None and not (os.path.isdir(self.cache_dir) and os.access(self.cache_dir, os.W_OK)):
+            bad("cache_dir", "not a writable directory")
         if not 0.0 <= self.warmup < 1.0:
             bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
         if self.b_start < self.b_end or self.b_end <= 0:
@@ -124,7 +130,10 @@ class QDropConfig:
         return min(1e-1, max(1e-3, 50 / max(self.iters_w, 1)))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings that made the result; ``cache_dir``, a scratch place on one machine, is left out."""
+        values = dataclasses.asdict(self)
+        values.pop("cache_dir")
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "QDropConfig":

@@ -77,18 +77,20 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if i < done:
             continue
         t_unit = time.perf_counter()
+        cache = BlockCache(cache_dtype, chunk, config.cache_dir)
         if prev is not None:
-            fp, quant = follow(*prev, unit, quant_state, chunk)
+            for record, quant_args in follow(*prev, unit, quant_state):
+                cache.add(record, quant_args)
         else:
             set_quant_state(model, weights=False, acts=False)
-            fp = capture(model, unit.module, batches, device, with_output=True)
-            quant = None
+            for record in capture(model, unit.module, batches, device, with_output=True):
+                cache.add(record)
             if quant_state is not None:
                 set_quant_state(model, *quant_state)
-                quant = capture(model, unit.module, batches, device, with_output=False)
+                for j, record in enumerate(capture(model, unit.module, batches, device, with_output=False)):
+                    cache.add_quantized(j, record["args"])
         prev = None
-        cache = BlockCache(fp, quant, cache_dtype, chunk).merged(config.batch_size)
-        del fp, quant
+        cache.merged()
         cache_s = time.perf_counter() - t_unit
         cache.check_finite(unit.name)
         acts_on = config.act_quant and config.order in ("before", "together")

@@ -6,6 +6,8 @@ integer codes are a ``uint8`` buffer and the float weight is no longer needed to
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -101,12 +103,25 @@ def use_compiled_kernels(enabled: bool) -> None:
         _KERNELS.update(forward=_forward, backward=_backward)
 
 
-def _rectified_sigmoid(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) and dh/dalpha."""
+# h(alpha) leaves (0, 1) where sigmoid(alpha) leaves [-gamma, 1 - gamma] / (zeta - gamma) = [1/12, 11/12]
+_H_OPEN = math.log((1 - GAMMA) / (ZETA - 1))  # = ln 11: h is strictly inside (0, 1) for |alpha| below it
+
+
+def _rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1), in four passes."""
+    return torch.sigmoid(alpha).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
+
+
+def _rectified_sigmoid_grad(alpha: torch.Tensor) -> torch.Tensor:
+    """dh/dalpha = sigmoid' * (zeta - gamma) where the clamp does not bind, else 0.
+
+    Float arithmetic only: on this CPU build one bool-tensor op costs as much as the whole
+    expression (the weights of a small conv are a few thousand elements, so each pass is mostly call
+    overhead, and this runs twice per layer per iteration).
+    """
     sig = torch.sigmoid(alpha)
-    h = sig * (ZETA - GAMMA) + GAMMA
-    inside = ((h >= 0) & (h <= 1)).to(alpha.dtype)  # torch.clamp passes the gradient at the bounds too
-    return h.clamp_(0, 1), sig.mul_(1 - sig).mul_(inside * (ZETA - GAMMA))
+    inside = torch.le(alpha.abs(), _H_OPEN, out=torch.empty_like(alpha))  # 1.0 / 0.0
+    return sig.mul_(1 - sig).mul_(inside.mul_(ZETA - GAMMA))
 
 
 class _SoftWeight(torch.autograd.Function):
@@ -120,14 +135,12 @@ class _SoftWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, base, step):
         ctx.save_for_backward(alpha, step)
-        h, _ = _rectified_sigmoid(alpha)
-        return torch.addcmul(base, h, step)
+        return torch.addcmul(base, _rectified_sigmoid(alpha), step)
 
     @staticmethod
     def backward(ctx, grad):
         alpha, step = ctx.saved_tensors
-        _, dh = _rectified_sigmoid(alpha)
-        return dh.mul_(step).mul_(grad), None, None
+        return _rectified_sigmoid_grad(alpha).mul_(step).mul_(grad), None, None
 
 
 class _RoundingLoss(torch.autograd.Function):
@@ -137,14 +150,13 @@ class _RoundingLoss(torch.autograd.Function):
     def forward(ctx, alpha, beta: float):
         ctx.save_for_backward(alpha)
         ctx.beta = beta
-        h, _ = _rectified_sigmoid(alpha)
-        return h.numel() - h.mul_(2).sub_(1).abs_().pow_(beta).sum()
+        return alpha.numel() - _rectified_sigmoid(alpha).mul_(2).sub_(1).abs_().pow_(beta).sum()
 
     @staticmethod
     def backward(ctx, grad):
         (alpha,) = ctx.saved_tensors
-        h, dh = _rectified_sigmoid(alpha)
-        c = h.mul_(2).sub_(1)  # d/dh (-|c|^beta) = -2 beta |c|^(beta-1) sign(c)
+        dh = _rectified_sigmoid_grad(alpha)
+        c = _rectified_sigmoid(alpha).mul_(2).sub_(1)  # d/dh (-|c|^beta) = -2 beta |c|^(beta-1) sign(c)
         d = c.abs().pow_(ctx.beta - 1).mul_(torch.sign(c)).mul_(-2 * ctx.beta)
         return d.mul_(dh).mul_(grad), None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -16,16 +17,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocator import freed_memory_kept
-from .batches import CalibrationDataError, run_model, token_mask
+from .batches import run_model, token_mask
+from .cache import BlockCache, micro_batches
 from .config import QDropConfig
 from .plan import Unit, set_quant_state
 from .quantizers import ActQuantizer, DropMasks
 
 ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
-
-
-class NonFiniteActivationError(CalibrationDataError):
-    """The float model produces NaN/inf on the calibration data."""
 
 
 class _Stop(Exception):
@@ -55,8 +53,9 @@ def _forward_to_stop(model: nn.Module, batch, device) -> None:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool) -> list[dict]:
-    """Run ``model`` on each batch up to ``module``; record its args/kwargs (and output), then stop."""
+def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool) -> Iterator[dict]:
+    """Run ``model`` on each batch up to ``module``; yield its args/kwargs (and output, and the
+    batch's token mask), one batch at a time, so that a cache can store each before the next."""
     record: dict = {}
 
     def pre(m, args, kwargs):
@@ -71,7 +70,6 @@ def capture(model: nn.Module, module: nn.Module, batches: list, device, with_out
     handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
     if with_output:
         handles.append(module.register_forward_hook(post, with_kwargs=True))
-    records = []
     try:
         for batch in batches:
             record = {}
@@ -79,11 +77,10 @@ def capture(model: nn.Module, module: nn.Module, batches: list, device, with_out
             if "args" not in record:
                 raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
             record["mask"] = _detach(token_mask(batch), device)
-            records.append(record)
+            yield record
     finally:
         for h in handles:
             h.remove()
-    return records
 
 
 @torch.no_grad()
@@ -142,188 +139,38 @@ def _same(a, b) -> bool:
 
 
 @torch.no_grad()
-def follow(prev: Unit, prev_cache: "BlockCache", unit: Unit, quant_state: tuple[bool, bool] | None,
-           chunk: int) -> tuple[list[dict], list[dict] | None]:
-    """The records ``capture`` would give for ``unit`` when ``chained_units`` says it reads ``prev``'s output.
+def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bool, bool] | None
+           ) -> Iterator[tuple[dict, tuple | None]]:
+    """What ``capture`` would give for ``unit`` when ``chained_units`` says it reads ``prev``'s output:
+    for each cached batch, the float record and the quantized-model args, one batch at a time.
 
-    Float inputs are ``prev``'s cached float outputs; quantized-model inputs are ``prev`` run alone
-    (in ``quant_state``, the (weights, acts) a quantized capture uses) on its own quantized inputs;
-    float outputs are ``unit`` run in float on its float inputs. ``chunk`` rows at a time. Empties
-    ``prev_cache`` (its inputs are freed before the new outputs are computed).
+    Float inputs are ``prev``'s cached float outputs, kept in their stored form (a half-precision or
+    on-disk copy is not made again); quantized-model inputs are ``prev`` run alone (in
+    ``quant_state``, the (weights, acts) a quantized capture uses) on its own quantized inputs; float
+    outputs are ``unit`` run in float on its float inputs; ``prev_cache.chunk`` rows at a time.
+    Empties ``prev_cache``, dropping each of its batches once it has been followed.
     """
     items, prev_cache.items = prev_cache.items, []
-    quant = None
     if quant_state is not None:
         set_quant_state(prev.module, *quant_state)
-        quant = [{"args": (_run_rows(prev.module, *prev_cache.inputs(item), item[3].shape[0], chunk, prev_cache.dtype),)
-                  + tuple(item[0][1:])} for item in items]
-    fp = [{"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "mask": mask}
-          for fp_args, _, kwargs, target, mask in items]
-    del items
     set_quant_state(unit.module, weights=False, acts=False)
-    for rec in fp:
-        rec["output"] = _run_rows(unit.module, rec["args"], rec["kwargs"], rec["args"][0].shape[0], chunk,
-                                  prev_cache.dtype)
-    return fp, quant
+    for i, item in enumerate(items):
+        items[i] = None
+        quant_out, outputs = [], []
+        for part in prev_cache.parts(item):
+            fp_args, _, kwargs, target, _ = part
+            if quant_state is not None:
+                q_args, q_kwargs = prev_cache.inputs(part)
+                quant_out.append(_first(prev.module(*q_args, **q_kwargs)).detach())
+            outputs.append(_first(unit.module(target, *fp_args[1:], **kwargs)).detach())
+        fp_args, _, kwargs, target, mask = item
+        del item
+        quant = None if quant_state is None else (_cat(quant_out),) + tuple(fp_args[1:])
+        yield {"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "output": _cat(outputs), "mask": mask}, quant
 
 
-def _run_rows(module: nn.Module, args, kwargs, n: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:
-    """``module``'s (first) output on ``n`` cached rows, ``chunk`` rows at a time, computed in ``dtype``."""
-    parts = [_first(module(*_to(_rows(args, slice(s, s + chunk), n), dtype), **_rows(kwargs, slice(s, s + chunk), n)))
-             .detach() for s in range(0, n, chunk)]
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _rows(obj, idx, n):
-    """Index (or slice) the per-sample rows (leading dim == n) of every tensor in ``obj``."""
-    if isinstance(obj, torch.Tensor):
-        return obj[idx] if obj.dim() and obj.shape[0] == n else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rows(v, idx, n) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _rows(v, idx, n) for k, v in obj.items()}
-    return obj
-
-
-class BlockCache:
-    """A unit's cached float inputs, quantized-model inputs (only where they differ) and float outputs.
-
-    With ``dtype`` (``QDropConfig.cache_dtype``) the inputs and outputs are stored in that (half)
-    precision and brought back to the compute precision a batch or a chunk at a time (``sample``,
-    ``chunks``), so a cache never exists twice in full precision.
-    """
-
-    def __init__(self, fp: list[dict], quant: list[dict] | None, dtype: torch.dtype | None = None, chunk: int = 32):
-        self.items = []
-        self.dtype = fp[0]["output"].dtype  # the compute precision
-        self.chunk = chunk
-        for i, rec in enumerate(fp):
-            fp[i] = None  # the caller's full-precision record goes as soon as its stored copy exists
-            q_args = None
-            if quant is not None:
-                q_args = tuple(
-                    q if isinstance(q, torch.Tensor) and q.is_floating_point() and not torch.equal(q, f) else None
-                    for q, f in zip(quant[i]["args"], rec["args"])
-                )
-                quant[i] = None
-            self.items.append((_to(rec["args"], dtype), _to(q_args, dtype), rec["kwargs"], _to(rec["output"], dtype),
-                               rec["mask"]))
-
-    def chunks(self, limit: int | None = None):
-        """The cached rows as items of at most ``self.chunk`` rows, in compute precision; with ``limit``,
-        only the first cached items that hold ``limit`` rows (a merged cache is one item: all of it)."""
-        seen = 0
-        for item in self.items:
-            if limit is not None and seen >= limit:
-                return
-            seen += item[3].shape[0]
-            for part in micro_batches(item, self.chunk):
-                yield self.restored(part)
-
-    def restored(self, item):
-        """``item`` with its stored inputs and outputs in compute precision."""
-        fp_args, q_args, kwargs, target, mask = item
-        if target.dtype == self.dtype:
-            return item
-        return _to(fp_args, self.dtype), _to(q_args, self.dtype), kwargs, _to(target, self.dtype), mask
-
-    def inputs(self, item, input_masks: DropMasks | None = None):
-        """Block inputs of one cached batch: quantized-model inputs, kept where ``input_masks`` says."""
-        fp_args, q_args, kwargs, target, mask = item
-        if q_args is None:
-            return fp_args, kwargs
-        args = []
-        for f, q in zip(fp_args, q_args):
-            if q is not None and input_masks is not None:
-                q = input_masks.mix(q, f)
-            args.append(f if q is None else q)
-        return tuple(args), kwargs
-
-    def sample(self, batch_size: int, index_gen: torch.Generator):
-        """A random cached batch, cut to ``batch_size`` random rows."""
-        item = self.items[int(torch.randint(len(self.items), (1,), generator=index_gen))]
-        n = item[3].shape[0]
-        if n <= batch_size:
-            return self.restored(item)
-        idx = torch.randperm(n, generator=index_gen)[:batch_size].to(item[3].device)
-        return self.restored(_rows(item, idx, n))
-
-    def nbytes(self) -> int:
-        """Memory held by the cached tensors (inputs, quantized inputs, outputs, masks)."""
-        seen, total = set(), 0
-        for t in _tensors(self.items):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
-
-    def check_finite(self, unit_name: str) -> None:
-        """Refuse NaN/inf in the unit's float inputs or outputs, naming the unit where they appear."""
-        for fp_args, _, _, target, _ in self.items:
-            for what, t in [("input", a) for a in fp_args if isinstance(a, torch.Tensor)] + [("output", target)]:
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise NonFiniteActivationError(
-                        f"the float model's activations are NaN/inf at the {what} of {unit_name}: check the model "
-                        "and the calibration data (e.g. fp16 overflow, unnormalised inputs)")
-
-    def merged(self, batch_size: int) -> "BlockCache":
-        """Re-batch into fixed-size random mini-batches when all cached batches share shapes."""
-        shapes = {tuple(_shapes(item)) for item in self.items}
-        if len(shapes) != 1 or len(self.items) == 1:
-            return self
-        self.items = [_concat(self.items)]
-        return self
-
-
-def _to(obj, dtype: torch.dtype | None):
-    """``obj`` with its floating-point tensors in ``dtype`` (unchanged when ``dtype`` is None)."""
-    if dtype is None or obj is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        if not obj.is_floating_point() or obj.dtype == dtype:
-            return obj
-        cast = obj.to(dtype)
-        # what the narrower type cannot hold (an additive attention mask at float32's minimum) stays as it is
-        return cast if obj.itemsize <= cast.itemsize or torch.isfinite(cast).all() or not torch.isfinite(obj).all() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, dtype) for v in obj)
-    return obj
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-
-
-def _shapes(obj):
-    if isinstance(obj, torch.Tensor):
-        yield tuple(obj.shape[1:])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _shapes(v)
-    elif isinstance(obj, dict):
-        for k in sorted(obj):
-            yield k
-            yield from _shapes(obj[k])
-    else:
-        yield obj
-
-
-def _concat(items):
-    first = items[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(items) if first.dim() else first
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat(list(parts)) for parts in zip(*items))
-    if isinstance(first, dict):
-        return {k: _concat([it[k] for it in items]) for k in first}
-    return first
 
 
 def reconstruction_loss(output, target: torch.Tensor, mask: torch.Tensor | None,
@@ -346,14 +193,6 @@ def loss_positions(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     if mask is not None and mask.shape == shape:
         return mask.sum().clamp(min=1)
     return shape.numel()
-
-
-def micro_batches(item, size: int | None) -> list:
-    """``item``'s rows cut into chunks of at most ``size`` samples (the whole item when ``size`` is None)."""
-    n = item[3].shape[0]
-    if size is None or size >= n:
-        return [item]
-    return [_rows(item, slice(start, start + size), n) for start in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -402,7 +241,7 @@ def calibrate_unit_acts(unit: Unit, cache: BlockCache, mode: str) -> None:
             run(item)
 
     first = next(cache.chunks(limit=1))  # one sample of it is enough to see the call order
-    one_sample = _rows(first, slice(0, 1), first[3].shape[0])
+    one_sample = micro_batches(first, 1)[0]
     for q in _call_order(unit.act_quantizers, lambda: run(one_sample)):
         observe([q], feed, mode)
         q.enabled = True
@@ -450,7 +289,7 @@ def fused_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
 def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_act: bool, seed: int,
                      progress: bool = True) -> dict:
     """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs."""
-    device = cache.items[0][3].device
+    device = cache.device
     seed += 7919 * distributed.rank()  # each process samples its own batches and masks
     per_process_batch = max(1, config.batch_size // distributed.world_size())  # batch_size stays the global batch
     index_gen = torch.Generator().manual_seed(seed)

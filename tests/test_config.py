@@ -7,7 +7,8 @@ from qdrop_hf.batches import CalibrationDataError
 
 @pytest.mark.parametrize("field,value", [("n_bits_w", 1), ("n_bits_w", 9), ("n_bits_a", 1), ("n_bits_a", 9),
                                          ("prob", 0.0), ("input_prob", 0.0), ("prob", 1.5), ("order", "sideways"),
-                                         ("iters_w", -1), ("num_samples", 0), ("init_amode", "guess")])
+                                         ("iters_w", -1), ("num_samples", 0), ("init_amode", "guess"),
+                                         ("cache_dir", "/nonexistent/qdrop-cache")])
 def test_invalid_configs_are_refused_with_the_field_named(field, value):
     with pytest.raises(QDropConfigError, match=field):
         QDropConfig(**{field: value})
@@ -31,6 +32,14 @@ def test_config_round_trips_through_dict():
     assert QDropConfig.from_dict(config.to_dict()) == config
     with pytest.raises(QDropConfigError, match="unknown"):
         QDropConfig.from_dict({"n_bits": 4})
+
+
+def test_a_scratch_cache_dir_is_not_saved_with_the_result(tmp_path):
+    """``cache_dir`` is where one machine put temporary files: a saved config that named it would not
+    load where that directory does not exist."""
+    config = QDropConfig(cache_dir=str(tmp_path))
+    assert "cache_dir" not in config.to_dict()
+    assert QDropConfig.from_dict(config.to_dict()) == QDropConfig()
 
 
 def test_adaround_learning_rate_fits_the_iteration_budget_unless_given():

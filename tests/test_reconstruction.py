@@ -9,7 +9,8 @@ from qdrop_hf.fold_bn import fold_batchnorm
 from qdrop_hf.nn import QuantLayer
 from qdrop_hf.plan import Unit
 from qdrop_hf.quantizers import ActQuantizer
-from qdrop_hf.reconstruct import BlockCache, calibrate_unit_acts, loss_positions, micro_batches, reconstruction_loss
+from qdrop_hf.cache import BlockCache, OnDisk, SpillFile, micro_batches
+from qdrop_hf.reconstruct import calibrate_unit_acts, loss_positions, reconstruction_loss
 
 
 def body_units(report):
@@ -50,7 +51,7 @@ def test_unit_activation_ranges_are_set_in_forward_order_on_quantized_upstream_v
 
     block = TwoQuantizers()
     x = torch.randn(64, 100)
-    cache = BlockCache([{"args": (x,), "kwargs": {}, "output": x, "mask": None}], None)
+    cache = BlockCache.of([{"args": (x,), "kwargs": {}, "output": x, "mask": None}])
     unit = Unit("two", block, "body", act_quantizers=[block.second, block.first])  # listed out of order
     calibrate_unit_acts(unit, cache, "mse")
     assert block.first.enabled and block.second.enabled
@@ -182,7 +183,7 @@ def test_batchnorm_folding_preserves_the_function():
 
 
 def test_nan_in_the_float_activations_is_refused_naming_the_block():
-    from qdrop_hf.reconstruct import NonFiniteActivationError
+    from qdrop_hf.cache import NonFiniteActivationError
 
     model = tiny_bert()
     with torch.no_grad():
@@ -236,16 +237,17 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, monkeypatc
     config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, batch_size=8, num_samples=24 if which == "resnet20" else 64)
     checked = []
 
-    def checked_follow(prev, prev_cache, unit, quant_state, chunk):
+    def checked_follow(prev, prev_cache, unit, quant_state):
         set_quant_state(model, weights=False, acts=False)
-        fp_ref = capture(model, unit.module, batches, torch.device("cpu"), with_output=True)
+        fp_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=True))
         set_quant_state(model, *quant_state)
-        q_ref = capture(model, unit.module, batches, torch.device("cpu"), with_output=False)
-        fp, quant = follow(prev, prev_cache, unit, quant_state, chunk)
-        got, ref = BlockCache(list(fp), list(quant)).merged(8), BlockCache(fp_ref, q_ref).merged(8)
+        q_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=False))
+        followed = list(follow(prev, prev_cache, unit, quant_state))
+        got = BlockCache.of([fp for fp, _ in followed], [{"args": q} for _, q in followed]).merged()
+        ref = BlockCache.of(fp_ref, q_ref).merged()
         _assert_same_cache(got.items, ref.items, unit.name)
         checked.append(unit.name)
-        return fp, quant
+        return iter(followed)
 
     monkeypatch.setattr(quantize_module, "follow", checked_follow)
     quantize_model(model, batches, config, progress=False)
@@ -266,3 +268,53 @@ def test_half_precision_cache_halves_the_cache_and_keeps_the_result():
             assert 0.45 < h["cache_mb"] / f["cache_mb"] < 0.55, (dtype, f, h)
             assert h["rtn_error"] == pytest.approx(f["rtn_error"], rel=0.03), dtype
             assert h["error"] == pytest.approx(f["error"], rel=0.05), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spilled_tensors_read_back_any_rows_exactly(tmp_path, dtype):
+    """Rows written to a cache file come back bit for bit: whole, as slices, as random index sets,
+    across the segments that concatenating cached batches leaves."""
+    spill = SpillFile(str(tmp_path))
+    parts = [torch.randn(n, 3, 5).to(dtype) for n in (4, 1, 7)]
+    on_disk = OnDisk.cat([spill.write(p) for p in parts])
+    whole = torch.cat(parts)
+    assert on_disk.shape == whole.shape and on_disk.nbytes == whole.numel() * whole.element_size()
+    assert torch.equal(on_disk.load(), whole)
+    for rows in (slice(2, 9), slice(0, 12), slice(10, 40), torch.randperm(12)[:6], torch.tensor([3, 4, 5, 11, 0])):
+        assert torch.equal(on_disk.load(rows), whole[rows]), rows
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing is left behind, even after a crash
+
+
+@pytest.mark.parametrize("which,cache_dtype", [("minilm", None), ("resnet20", "float16")])
+def test_cache_on_disk_gives_the_same_quantized_model(which, cache_dtype, tmp_path, monkeypatch):
+    """``cache_dir``: every unit's cached inputs and outputs sit in a file, none in memory, and the
+    quantized model is the one an in-memory cache gives (the same rows are drawn, bit for bit)."""
+    from qdrop_hf import quantize as quantize_module
+    from qdrop_hf.archs import build_arch
+
+    if which == "minilm":
+        model, batches = minilm_sst2(layers=3)
+        config = dict(n_bits_w=4, n_bits_a=4, iters_w=20, batch_size=8, num_samples=48, cache_dtype=cache_dtype)
+    else:  # three cached batches merged into one item of three file segments
+        model, batches = build_arch("resnet20"), image_batches(n_batches=3, batch=8)
+        config = dict(n_bits_w=2, n_bits_a=4, iters_w=20, batch_size=8, num_samples=24, cache_dtype=cache_dtype)
+    in_memory = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False)
+    reconstruct = quantize_module.reconstruct_unit
+    spilled = []
+
+    def watched(unit, cache, *args, **kwargs):
+        per_row = [t for item in cache.items for part in (item[0], item[1] or (), (item[3],)) for t in part
+                   if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == item[3].shape[0]]
+        assert per_row == [] and isinstance(cache.items[0][3], OnDisk), unit.name
+        spilled.append(unit.name)
+        return reconstruct(unit, cache, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "reconstruct_unit", watched)
+    on_disk = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config, cache_dir=str(tmp_path)), progress=False)
+    assert spilled == [u["unit"] for u in in_memory.qdrop_report["units"]]
+    for a, b in zip(in_memory.qdrop_report["units"], on_disk.qdrop_report["units"]):
+        assert (a["unit"], a["cache_mb"]) == (b["unit"], b["cache_mb"])
+        assert b["rtn_error"] == pytest.approx(a["rtn_error"], rel=1e-6) and b["error"] == pytest.approx(a["error"], rel=1e-6)
+    for (name, a), b in zip(in_memory.state_dict().items(), on_disk.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert list(tmp_path.iterdir()) == []
