@@ -30,6 +30,7 @@ class SpillFile:
     """An unlinked temporary file that tensors are appended to; it is gone once nothing refers to it."""
 
     def __init__(self, directory: str):
+        self.directory = directory
         self.file = tempfile.TemporaryFile(dir=directory)
         self.size = 0
 
@@ -37,8 +38,12 @@ class SpillFile:
         data = tensor.detach().cpu().contiguous()
         view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
         offset, done = self.size, 0
-        while done < len(view):
-            done += os.pwrite(self.file.fileno(), view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(self.file.fileno(), view[done:], offset + done)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the block cache to cache_dir {self.directory}: "
+                                   f"{e.strerror}; {(self.size + len(view)) / 1e6:.0f} MB needed so far") from e
         self.size += len(view)
         return OnDisk(self, [(offset, data.shape[0])], data.shape, data.dtype, tensor.device)
 

@@ -28,6 +28,9 @@ class Unit:
     kind: str  # "stem", "body" or "head"
     layers: list[nn.Module] = field(default_factory=list)
     act_quantizers: list[ActQuantizer] = field(default_factory=list)
+    # called once, on exactly the previous unit's output and the same other arguments: its caches
+    # follow from the previous unit's cache by running that unit alone (``reconstruct.follow``)
+    follows_previous: bool = False
 
 
 @dataclass
@@ -90,22 +93,52 @@ def _find_units(model: nn.Module, family: Family) -> list[Unit]:
 
 
 @torch.no_grad()
-def _forward_order(model: nn.Module, units: list[Unit], batch, device) -> list[Unit]:
-    """Units sorted by when the forward pass first reaches them; units it never reaches are dropped."""
-    first_call: dict[int, int] = {}
+def first_output(output):
+    """A module's main output: the first of a tuple, a model output's ``last_hidden_state``, or itself."""
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
 
-    def seen(i):
-        def hook(module, args):
-            first_call.setdefault(i, len(first_call))
+
+@torch.no_grad()
+def _trace(model: nn.Module, units: list[Unit], batch, device) -> list[Unit]:
+    """Units sorted by when the forward pass first reaches them (units it never reaches are dropped),
+    with ``follows_previous`` set from what each was called with, in one forward pass."""
+    calls: dict[int, list] = {}  # in first-call order
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            calls.setdefault(i, []).append([args, kwargs, None])
         return hook
 
-    hooks = [u.module.register_forward_pre_hook(seen(i)) for i, u in enumerate(units)]
+    def post(i):
+        def hook(module, args, kwargs, output):
+            calls[i][-1][2] = first_output(output)
+        return hook
+
+    handles = []
+    for i, unit in enumerate(units):
+        handles.append(unit.module.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(unit.module.register_forward_hook(post(i), with_kwargs=True))
     try:
         run_model(model, batch, device)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return [units[i] for i in sorted(first_call, key=first_call.get)]
+    order = list(calls)
+    for prev, i in zip(order, order[1:]):
+        units[i].follows_previous = len(calls[i]) == 1 and len(calls[prev]) == 1 and _reads(calls[i][0], calls[prev][0])
+    return [units[i] for i in order]
+
+
+def _reads(call: list, prev_call: list) -> bool:
+    """Whether ``call``'s first argument is ``prev_call``'s output and its other arguments are the same."""
+    (args, kwargs, _), (prev_args, prev_kwargs, prev_out) = call, prev_call
+    return (bool(args) and args[0] is prev_out and len(args) == len(prev_args)
+            and all(_same(a, b) for a, b in zip(args[1:], prev_args[1:]))
+            and kwargs.keys() == prev_kwargs.keys() and all(_same(kwargs[k], prev_kwargs[k]) for k in kwargs))
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str, type(None))) and a == b)
 
 
 def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, family: Family | None = None) -> QuantPlan:
@@ -114,7 +147,7 @@ def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, 
     for m in model.modules():
         if isinstance(m, ActQuantizer):
             m.range_p = family.act_range_p
-    units = _forward_order(model, _find_units(model, family), example_batch, device)
+    units = _trace(model, _find_units(model, family), example_batch, device)
     body = [i for i, u in enumerate(units) if u.kind == "body"]
     if not body:
         raise ValueError(f"model family {family.name!r} found no reconstruction blocks in this model")

@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batches import batch_len, run_model, take_batches
+from .cache import BlockCache
 from .checkpoint import Checkpoint
 from .config import QDropConfig
 from .families import Family
 from .plan import QuantPlan, prepare_model, set_quant_state
 from .quantizers import use_compiled_kernels
-from .reconstruct import (ACT_CALIB_SAMPLES, BlockCache, calibrate_unit_acts, capture, chained_units, follow, observe,
-                          reconstruct_unit, run_until, unit_error)
+from .reconstruct import (ACT_CALIB_SAMPLES, calibrate_unit_acts, capture, follow, observe, reconstruct_unit, run_until,
+                          unit_error)
 
 logger = logging.getLogger("qdrop_hf")
 
@@ -67,7 +68,6 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
     set_quant_state(model, weights=False, acts=False)
-    chained = chained_units(model, plan.units, batches[0], device)
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
@@ -114,7 +114,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         report["units"].append(entry)
         logger.info("%s (%s): error %.4g (round-to-nearest %.4g) in %.1fs", unit.name, unit.kind,
                     entry["error"], entry["rtn_error"], entry["time_s"])
-        if i + 1 < len(plan.units) and chained[i + 1]:
+        if i + 1 < len(plan.units) and plan.units[i + 1].follows_previous:
             prev = (unit, cache)
         del cache
         if checkpoint is not None:

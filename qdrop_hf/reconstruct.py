@@ -20,7 +20,7 @@ from .allocator import freed_memory_kept
 from .batches import run_model, token_mask
 from .cache import BlockCache, micro_batches
 from .config import QDropConfig
-from .plan import Unit, set_quant_state
+from .plan import Unit, first_output, set_quant_state
 from .quantizers import ActQuantizer, DropMasks
 
 ACT_CALIB_SAMPLES = 256  # samples used to initialise a block's activation ranges
@@ -38,10 +38,6 @@ def _detach(obj, device):
     if isinstance(obj, dict):
         return {k: _detach(v, device) for k, v in obj.items()}
     return obj
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
 
 
 def _forward_to_stop(model: nn.Module, batch, device) -> None:
@@ -64,7 +60,7 @@ def capture(model: nn.Module, module: nn.Module, batches: list, device, with_out
             raise _Stop
 
     def post(m, args, kwargs, output):
-        record["output"] = _detach(_first(output), device)
+        record["output"] = _detach(first_output(output), device)
         raise _Stop
 
     handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
@@ -98,50 +94,9 @@ def run_until(model: nn.Module, module: nn.Module, batches: list, device) -> Non
 
 
 @torch.no_grad()
-def chained_units(model: nn.Module, units: list, batch, device) -> list[bool]:
-    """For each unit, whether its inputs are exactly the previous unit's output plus the same other
-    arguments (one call each, nothing in between): then its caches follow from the previous unit's
-    cache by running that unit alone, instead of re-running the model's whole prefix (``follow``)."""
-    calls: dict[int, list] = {}
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            calls.setdefault(i, []).append([args, kwargs, None])
-        return hook
-
-    def post(i):
-        def hook(module, args, kwargs, output):
-            calls[i][-1][2] = _first(output)
-        return hook
-
-    handles = []
-    for i, unit in enumerate(units):
-        handles.append(unit.module.register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(unit.module.register_forward_hook(post(i), with_kwargs=True))
-    try:
-        run_model(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
-    chained = [False] * len(units)
-    for i in range(1, len(units)):
-        if len(calls.get(i, ())) != 1 or len(calls.get(i - 1, ())) != 1:
-            continue
-        (args, kwargs, _), (prev_args, prev_kwargs, prev_out) = calls[i][0], calls[i - 1][0]
-        chained[i] = (bool(args) and args[0] is prev_out and len(args) == len(prev_args)
-                      and all(_same(a, b) for a, b in zip(args[1:], prev_args[1:]))
-                      and kwargs.keys() == prev_kwargs.keys() and all(_same(kwargs[k], prev_kwargs[k]) for k in kwargs))
-    return chained
-
-
-def _same(a, b) -> bool:
-    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str, type(None))) and a == b)
-
-
-@torch.no_grad()
 def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bool, bool] | None
            ) -> Iterator[tuple[dict, tuple | None]]:
-    """What ``capture`` would give for ``unit`` when ``chained_units`` says it reads ``prev``'s output:
+    """What ``capture`` would give for ``unit``, which ``follows_previous`` (reads ``prev``'s output):
     for each cached batch, the float record and the quantized-model args, one batch at a time.
 
     Float inputs are ``prev``'s cached float outputs, kept in their stored form (a half-precision or
@@ -161,8 +116,8 @@ def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bo
             fp_args, _, kwargs, target, _ = part
             if quant_state is not None:
                 q_args, q_kwargs = prev_cache.inputs(part)
-                quant_out.append(_first(prev.module(*q_args, **q_kwargs)).detach())
-            outputs.append(_first(unit.module(target, *fp_args[1:], **kwargs)).detach())
+                quant_out.append(first_output(prev.module(*q_args, **q_kwargs)).detach())
+            outputs.append(first_output(unit.module(target, *fp_args[1:], **kwargs)).detach())
         fp_args, _, kwargs, target, mask = item
         del item
         quant = None if quant_state is None else (_cat(quant_out),) + tuple(fp_args[1:])
@@ -180,7 +135,7 @@ def reconstruction_loss(output, target: torch.Tensor, mask: torch.Tensor | None,
     ``positions`` overrides the count averaged over: a micro-batch divides by its whole batch's count,
     so that the micro-batch losses add up to the batch loss.
     """
-    err = (_first(output) - target).pow(2)
+    err = (first_output(output) - target).pow(2)
     err = err.sum(1) if err.dim() == 4 else err.sum(-1) if err.dim() >= 2 else err
     if mask is not None and err.shape == mask.shape:
         err = err * mask.to(err.dtype)

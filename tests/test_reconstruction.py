@@ -318,3 +318,16 @@ def test_cache_on_disk_gives_the_same_quantized_model(which, cache_dtype, tmp_pa
     for (name, a), b in zip(in_memory.state_dict().items(), on_disk.state_dict().values()):
         assert torch.equal(a, b), name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_cache_dir_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from qdrop_hf import cache as cache_module
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "pwrite", full)
+    with pytest.raises(OSError, match=f"cannot write the block cache to cache_dir {tmp_path}: No space left"):
+        SpillFile(str(tmp_path)).write(torch.ones(4, 3))
