@@ -92,7 +92,6 @@ def _find_units(model: nn.Module, family: Family) -> list[Unit]:
     return units
 
 
-@torch.no_grad()
 def first_output(output):
     """A module's main output: the first of a tuple, a model output's ``last_hidden_state``, or itself."""
     return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
