@@ -78,24 +78,20 @@ class OnDisk:
         wanted = range(n)[rows] if isinstance(rows, slice) else range(n) if rows is None else rows.tolist()
         out = torch.empty((len(wanted),) + tuple(self.shape[1:]), dtype=self.dtype)
         buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        runs: list[list[int]] = []  # [first wanted position, first row, rows]: consecutive rows read at once
+        runs: list[list[int]] = []  # [first wanted position, segment, first row, rows]: read at once
         for i, row in enumerate(wanted):
-            if runs and row == runs[-1][1] + runs[-1][2] and self._segment(row) == self._segment(runs[-1][1]):
-                runs[-1][2] += 1
+            if runs and row == runs[-1][2] + runs[-1][3] and row < self.starts[runs[-1][1] + 1]:
+                runs[-1][3] += 1  # the next row of the same segment
             else:
-                runs.append([i, row, 1])
+                runs.append([i, bisect.bisect_right(self.starts, row) - 1, row, 1])
         fd = self.spill.file.fileno()
-        for i, row, count in runs:
-            seg = self._segment(row)
+        for i, seg, row, count in runs:
             offset = self.segments[seg][0] + (row - self.starts[seg]) * self.row_bytes
             target = buffer[i * self.row_bytes:(i + count) * self.row_bytes]
             done = 0
             while done < len(target):
                 done += os.preadv(fd, [target[done:]], offset + done)
         return out.to(self.device)
-
-    def _segment(self, row: int) -> int:
-        return bisect.bisect_right(self.starts, row) - 1
 
 
 class BlockCache:
@@ -108,7 +104,9 @@ class BlockCache:
     a time (``sample``, ``parts``, ``chunks``).
     """
 
-    def __init__(self, dtype: torch.dtype | None = None, chunk: int = 32, spill_dir: str | None = None):
+    def __init__(self, dtype: torch.dtype | None = None, chunk: int = 32, spill_dir: str | None = None,
+                 name: str = "the block"):
+        self.name = name  # the unit's, for errors
         self.items = []
         self.store_dtype = dtype
         self.dtype = self.device = None  # the compute precision and device, those of the first stored output
@@ -127,8 +125,15 @@ class BlockCache:
 
     def add(self, record: dict, quant_args: tuple | None = None) -> None:
         """Store one cached batch: a float ``record`` (args, kwargs, output, mask) and, when given, the
-        quantized model's args for it."""
+        quantized model's args for it. NaN/inf in the float inputs or output are refused here, naming
+        the unit, before anything is stored (inputs already stored, i.e. a previous unit's checked
+        outputs reused by ``follow``, are not read back)."""
         output = record["output"]
+        for what, t in [("input", a) for a in record["args"] if isinstance(a, torch.Tensor)] + [("output", output)]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteActivationError(
+                    f"the float model's activations are NaN/inf at the {what} of {self.name}: check the model "
+                    "and the calibration data (e.g. fp16 overflow, unnormalised inputs)")
         if self.dtype is None:
             self.dtype, self.device = output.dtype, output.device
         n = output.shape[0]
@@ -141,10 +146,10 @@ class BlockCache:
         """Store the quantized model's args for cached batch ``index``; those equal to the float args
         (in stored precision) are not kept twice."""
         fp_args, _, kwargs, target, mask = self.items[index]
-        kept = tuple(q if isinstance(q, torch.Tensor) and q.is_floating_point()
-                     and not _stored_equal(_to(q, self.store_dtype), f) else None
-                     for q, f in zip(quant_args, fp_args))
-        self.items[index] = (fp_args, self._stored(kept, target.shape[0]), kwargs, target, mask)
+        cast = _to(tuple(quant_args), self.store_dtype)
+        kept = tuple(q if isinstance(q, torch.Tensor) and q.is_floating_point() and not _stored_equal(q, f) else None
+                     for q, f in zip(cast, fp_args))
+        self.items[index] = (fp_args, _spilled(kept, target.shape[0], self.spill), kwargs, target, mask)
 
     def _stored(self, obj, n: int):
         return _spilled(_to(obj, self.store_dtype), n, self.spill)
@@ -202,15 +207,6 @@ class BlockCache:
                 seen.add(id(t))
                 total += t.nbytes
         return total
-
-    def check_finite(self, unit_name: str) -> None:
-        """Refuse NaN/inf in the unit's float inputs or outputs, naming the unit where they appear."""
-        for fp_args, _, _, target, _ in self.chunks():
-            for what, t in [("input", a) for a in fp_args if isinstance(a, torch.Tensor)] + [("output", target)]:
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise NonFiniteActivationError(
-                        f"the float model's activations are NaN/inf at the {what} of {unit_name}: check the model "
-                        "and the calibration data (e.g. fp16 overflow, unnormalised inputs)")
 
     def merged(self) -> "BlockCache":
         """One item of all rows (drawn from at random) when all cached batches share shapes."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from typing import Iterable
 
 import torch
@@ -67,7 +68,6 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if done:
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
-    set_quant_state(model, weights=False, acts=False)
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
@@ -77,22 +77,24 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if i < done:
             continue
         t_unit = time.perf_counter()
-        cache = BlockCache(cache_dtype, chunk, config.cache_dir)
+        cache = BlockCache(cache_dtype, chunk, config.cache_dir, unit.name)
         if prev is not None:
             for record, quant_args in follow(*prev, unit, quant_state):
                 cache.add(record, quant_args)
         else:
             set_quant_state(model, weights=False, acts=False)
-            for record in capture(model, unit.module, batches, device, with_output=True):
-                cache.add(record)
+            # closing(): an error while storing (NaN, a full disk) removes capture's hooks at once
+            with closing(capture(model, unit.module, batches, device, with_output=True)) as records:
+                for record in records:
+                    cache.add(record)
             if quant_state is not None:
                 set_quant_state(model, *quant_state)
-                for j, record in enumerate(capture(model, unit.module, batches, device, with_output=False)):
-                    cache.add_quantized(j, record["args"])
+                with closing(capture(model, unit.module, batches, device, with_output=False)) as records:
+                    for j, record in enumerate(records):
+                        cache.add_quantized(j, record["args"])
         prev = None
         cache.merged()
         cache_s = time.perf_counter() - t_unit
-        cache.check_finite(unit.name)
         acts_on = config.act_quant and config.order in ("before", "together")
         set_quant_state(unit.module, weights=True, acts=False)
         if config.act_quant and config.order == "together":

@@ -192,6 +192,21 @@ def test_nan_in_the_float_activations_is_refused_naming_the_block():
         quantize_model(model, text_batches(2), QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
 
 
+def test_an_error_while_caching_leaves_no_capture_hooks_behind():
+    """NaN at the first unit's output is found while its captured batches are being stored; the
+    capture's hooks are gone with the error, even while the caller holds it, so the model still runs."""
+    from qdrop_hf.cache import NonFiniteActivationError
+
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.bias[0] = float("nan")
+    batches = text_batches(2)
+    with pytest.raises(NonFiniteActivationError, match=r"output of bert\.encoder\.layer\.0") as caught:
+        quantize_model(model, batches, QDropConfig(iters_w=0, num_samples=16, batch_size=8), progress=False)
+    with torch.no_grad():  # the error (and its traceback, which holds quantize_model's frame) is still alive
+        assert model(**batches[0]).logits.shape[0] == batches[0]["input_ids"].shape[0], caught
+
+
 def test_nan_before_the_first_block_is_a_calibration_error():
     from qdrop_hf.batches import CalibrationDataError
 
