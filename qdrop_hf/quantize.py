@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .config import QDropConfig
 from .families import Family
 from .plan import QuantPlan, prepare_model, set_quant_state
-from .quantizers import use_compiled_kernels
+from .quantizers import use_kernels
 from .reconstruct import (ACT_CALIB_SAMPLES, calibrate_unit_acts, capture, follow, observe, reconstruct_unit, run_until,
                           unit_error)
 
@@ -45,7 +45,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     config.validate()
     torch.manual_seed(config.seed)
     device = resolve_device(config)
-    use_compiled_kernels(config.compile)
+    use_kernels("compiled" if config.compile else "fused")
     batches = distributed.shard(take_batches(calibration_data, config.num_samples))
     model.eval().requires_grad_(False).to(device)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .native import fake_quant_kernels
 from .observers import ActivationObserver, fake_quantize, search_range
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
@@ -71,12 +72,12 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x, grad_scale, None, None, None
 
 
-def _forward(x, scale, zero_point, n_bits: int, drop):
+def _eager_forward(x, scale, zero_point, n_bits: int, drop):
     out = fake_quantize(x, scale, zero_point, n_bits)
     return out if drop is None else out.lerp_(x, drop)
 
 
-def _backward(grad, x, out, scale, need_scale: bool):
+def _eager_backward(grad, x, out, scale, need_scale: bool):
     passes = (out - x).abs_()
     torch.lt(passes, scale * 0.5, out=passes)  # 1.0 where the gradient passes straight through
     grad_x = grad * passes
@@ -87,20 +88,43 @@ def _backward(grad, x, out, scale, need_scale: bool):
     return grad_x, torch.dot(grad.reshape(-1), passes.reshape(-1)) / scale
 
 
-_KERNELS = {"forward": _forward, "backward": _backward}
+def _fusable(*tensors) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
 
 
-def use_compiled_kernels(enabled: bool) -> None:
-    """Fuse each kernel into one loop with ``torch.compile`` (``QDropConfig.compile``).
+def _fused_forward(x, scale, zero_point, n_bits: int, drop):
+    """The one-pass C++ kernel (``native``) for contiguous float32 CPU tensors, else the eager one."""
+    fused = fake_quant_kernels()
+    if fused is not None and _fusable(x, drop):
+        return fused.forward(x, float(scale), float(zero_point), 2**n_bits - 1, drop)
+    return _eager_forward(x, scale, zero_point, n_bits, drop)
 
-    Pays on large activations (an MBConv block's iteration 1.7x -> 1.3x its FP forward+backward on
-    CPU); on small ones the per-call guard overhead eats the gain. One-off compile of a few seconds.
-    """
-    if enabled:
-        _KERNELS["forward"] = torch.compile(_forward, dynamic=True)
-        _KERNELS["backward"] = torch.compile(_backward, dynamic=True)
+
+def _fused_backward(grad, x, out, scale, need_scale: bool):
+    fused = fake_quant_kernels()
+    if fused is not None and _fusable(x, out) and grad.device.type == "cpu" and grad.dtype == torch.float32:
+        grads = fused.backward(grad.contiguous(), x, out, float(scale), need_scale)
+        return grads[0], grads[1].to(scale.dtype) if need_scale else None
+    return _eager_backward(grad, x, out, scale, need_scale)
+
+
+_KERNELS = {"forward": _fused_forward, "backward": _fused_backward}
+
+
+def use_kernels(kind: str) -> None:
+    """Which fake-quant kernels the activation quantizers run: "fused" (the default: one C++ pass
+    each way on CPU float32, eager elsewhere), "eager" (torch ops only) or "compiled"
+    (``QDropConfig.compile``: each eager kernel fused by ``torch.compile``, for GPUs and dtypes the
+    C++ kernels do not cover; on CPU its per-call guards cost more than it saves on small blocks)."""
+    if kind == "fused":
+        _KERNELS.update(forward=_fused_forward, backward=_fused_backward)
+    elif kind == "eager":
+        _KERNELS.update(forward=_eager_forward, backward=_eager_backward)
+    elif kind == "compiled":
+        _KERNELS.update(forward=torch.compile(_eager_forward, dynamic=True),
+                        backward=torch.compile(_eager_backward, dynamic=True))
     else:
-        _KERNELS.update(forward=_forward, backward=_backward)
+        raise ValueError(f"kernels must be 'fused', 'eager' or 'compiled', not {kind!r}")
 
 
 # h(alpha) leaves (0, 1) where sigmoid(alpha) leaves [-gamma, 1 - gamma] / (zeta - gamma) = [1/12, 11/12]
@@ -303,7 +327,7 @@ class ActQuantizer(nn.Module):
         drop = self.drop_masks(x.shape, x.dtype) if self.drop_masks is not None else None
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
             return _FakeQuant.apply(x, self.scale, self.zero_point, self.n_bits, drop)
-        return _forward(x, self.scale, self.zero_point, self.n_bits, drop)
+        return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, enabled={self.enabled}"

@@ -20,6 +20,7 @@ from .allocator import freed_memory_kept
 from .batches import run_model, token_mask
 from .cache import BlockCache, micro_batches
 from .config import QDropConfig
+from .optim import Adam, cosine_lr
 from .plan import Unit, first_output, set_quant_state
 from .quantizers import ActQuantizer, DropMasks
 
@@ -236,11 +237,6 @@ class RoundingSchedule:
         return self.b_end + (self.b_start - self.b_end) * max(0.0, 1.0 - rel)
 
 
-def fused_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
-    """Adam, fused into one kernel where torch has it (a third of the per-step cost on small blocks)."""
-    return torch.optim.Adam(params, lr=lr, fused=params[0].device.type in ("cpu", "cuda"))
-
-
 def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_act: bool, seed: int,
                      progress: bool = True) -> dict:
     """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs."""
@@ -257,9 +253,8 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
         q.drop_masks = act_masks
     for s in steps:
         s.requires_grad_(True)
-    w_opt = fused_adam(alphas, config.rounding_lr) if alphas else None
-    a_opt = fused_adam(steps, config.lr) if steps else None
-    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=config.iters_w, eta_min=0.0) if a_opt else None
+    w_opt = Adam(alphas, config.rounding_lr) if alphas else None
+    a_opt = Adam(steps, config.lr) if steps else None
     schedule = RoundingSchedule(config.iters_w, config.warmup, config.b_start, config.b_end)
     bar = tqdm(range(config.iters_w), desc=f"reconstruct {unit.name}", disable=not progress, leave=False)
     rec = torch.zeros(())
@@ -271,7 +266,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 beta = schedule.beta(step)
                 for opt in (w_opt, a_opt):
                     if opt is not None:
-                        opt.zero_grad(set_to_none=True)
+                        opt.zero_grad()
                 parts = micro_batches(item, config.micro_batch_size)
                 rec = torch.zeros(())
                 for j, part in enumerate(parts):  # gradients accumulate; the last part adds the rounding loss
@@ -284,11 +279,10 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 distributed.average_gradients(alphas + steps)
                 if step % 100 == 0 and not math.isfinite(float(rec.detach())):
                     raise FloatingPointError(f"reconstruction loss of {unit.name} became non-finite at step {step}")
-                for opt in (w_opt, a_opt):
-                    if opt is not None:
-                        opt.step()
-                if a_sched is not None:
-                    a_sched.step()
+                if w_opt is not None:
+                    w_opt.step()
+                if a_opt is not None:  # activation steps: cosine-annealed to 0 over the unit's iterations
+                    a_opt.step(cosine_lr(config.lr, step, config.iters_w))
                 if step % 50 == 0:
                     bar.set_postfix(rec=f"{float(rec.detach()):.4g}", beta="-" if beta is None else f"{beta:.1f}")
     finally:

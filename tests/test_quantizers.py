@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qdrop_hf.nn import QuantConv1D, QuantConv2d, QuantLinear
-from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, use_compiled_kernels
+from qdrop_hf.native import fake_quant_kernels
+from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, _eager_backward, _eager_forward, use_kernels
 
 
 def on_grid(values, scale, zero_point, n_bits):
@@ -170,10 +171,10 @@ def test_prob_one_is_no_drop_and_no_drop_outside_reconstruction():
         assert torch.equal(q(x), reference)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fused_fake_quant_matches_straight_through_reference(compiled):
-    """Values and gradients (input and LSQ step) of the one-node fake quant with drop, eager and compiled,
-    against autograd through the textbook formula; many elements clip at 3 bits."""
+@pytest.mark.parametrize("kernels", ["fused", "eager", "compiled"])
+def test_fake_quant_node_matches_straight_through_reference(kernels):
+    """Values and gradients (input and LSQ step) of the one-node fake quant with drop, with each set of
+    kernels, against autograd through the textbook formula; many elements clip at 3 bits."""
     x = (torch.randn(6, 50) * 2).requires_grad_(True)
     q = ActQuantizer(3)
     q.observe()
@@ -185,12 +186,12 @@ def test_fused_fake_quant_matches_straight_through_reference(compiled):
     drop = (torch.rand(x.shape) < 0.5).float()
     q.drop_masks = lambda shape, dtype: drop
     g = torch.randn(6, 50)
-    use_compiled_kernels(compiled)
+    use_kernels(kernels)
     try:
         out = q(x)
         (out * g).sum().backward()
     finally:
-        use_compiled_kernels(False)
+        use_kernels("fused")
 
     x2 = x.detach().clone().requires_grad_(True)
     s2 = q.scale.detach().clone().requires_grad_(True)
@@ -205,3 +206,37 @@ def test_fused_fake_quant_matches_straight_through_reference(compiled):
     assert torch.equal(out[drop.bool()], x.detach()[drop.bool()])  # dropped: exactly the float value
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
     assert torch.allclose(q.scale.grad, s2.grad, rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize("n_bits,zero_point", [(2, 1.0), (4, 0.0), (4, 7.0), (8, 128.0)])
+def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
+    """The C++ kernels give the eager kernels' values bit for bit (outputs and input gradients, over
+    several parallel chunks, with and without drop) and the same step gradient up to summation order."""
+    kernels = fake_quant_kernels()
+    assert kernels is not None, "the fused kernels did not build (see the log)"
+    gen = torch.Generator().manual_seed(n_bits)
+    x = torch.randn(3, 70001, generator=gen) * 3
+    grad = torch.randn(x.shape, generator=gen)
+    scale, zp = torch.tensor(0.37), torch.tensor(zero_point)
+    drop = (torch.rand(x.shape, generator=gen) < 0.5).float()
+    for d in (None, drop):
+        eager = _eager_forward(x, scale, zp, n_bits, d)
+        fused = kernels.forward(x, float(scale), zero_point, 2**n_bits - 1, d)
+        assert torch.equal(fused, eager)
+        g_eager, s_eager = _eager_backward(grad, x, eager, scale, True)
+        g_fused, s_fused = kernels.backward(grad, x, fused, float(scale), True)
+        assert torch.equal(g_fused, g_eager)
+        assert torch.allclose(s_fused, s_eager, rtol=1e-4)
+        assert len(kernels.backward(grad, x, fused, float(scale), False)) == 1
+    assert torch.equal(x[drop.bool()], fused[drop.bool()])
+
+
+def test_fused_kernels_leave_other_tensors_to_eager():
+    """Half precision and non-contiguous activations take the eager path (same values), not an error."""
+    q, x = fitted_act()
+    for other in (x.t(), x.to(torch.bfloat16)):
+        use_kernels("eager")
+        try:
+            expected = q(other)
+        finally:
+            use_kernels("fused")
+        assert torch.equal(q(other), expected)
