@@ -18,14 +18,16 @@ GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
 
 
 class DropMasks:
-    """Element-wise drop masks: 1.0 (use the float value) with probability ``1 - keep_prob``, else 0.0.
+    """Element-wise drop masks: 1 (use the float value) with probability ``1 - keep_prob``, else 0.
 
     Served as windows of one pre-drawn pool: drawing fresh random numbers for every activation at
     every iteration costs as much as the block's arithmetic on a CPU (about 2 ns an element), while a
     window at a random offset into a pool half again as large as the request is Bernoulli
-    element-wise and costs nothing per call. The masks are float, not bool: on CPU, bool-masked
+    element-wise and costs nothing per call. The pool is uint8, which the fused C++ kernels read (a
+    quarter of a float mask's memory traffic); the eager kernels get float windows, not bool: on CPU, bool-masked
     ``where``/``mul`` run an order of magnitude slower than float arithmetic, and a 0/1 float mask
-    mixes exactly through ``lerp`` (``a.lerp(b, 0) == a``, ``a.lerp(b, 1) == b``, bit for bit).
+    mixes exactly through ``lerp`` (``a.lerp(b, 0) == a``, ``a.lerp(b, 1) == b``, bit for bit). The
+    masks do not depend on which kernels run.
     """
 
     def __init__(self, keep_prob: float, generator: torch.Generator, min_pool: int = 1 << 20):
@@ -36,15 +38,17 @@ class DropMasks:
 
     def __call__(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = shape.numel()
-        if self.pool.numel() < n + n // 2 or self.pool.dtype != dtype:
+        if self.pool.numel() < n + n // 2:
             size = max(self.min_pool, 2 * n)
             draw = torch.rand(size, generator=self.generator, device=self.generator.device)
-            self.pool = torch.ge(draw, self.keep_prob, out=draw).to(dtype)
+            self.pool = torch.ge(draw, self.keep_prob, out=draw).to(torch.uint8)
         start = int(torch.randint(self.pool.numel() - n + 1, (1,), generator=self.generator, device=self.generator.device))
-        return self.pool[start:start + n].view(shape)
+        return self.pool[start:start + n].view(shape).to(dtype)
 
     def mix(self, kept: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``kept`` where the mask keeps, ``other`` where it drops (exactly either value, never a blend)."""
+        if _mask_dtype(kept, other) == torch.uint8:
+            return fake_quant_kernels().mix(kept.contiguous(), other.contiguous(), self(kept.shape, torch.uint8))
         return torch.lerp(kept, other, self(kept.shape, kept.dtype))
 
 
@@ -89,40 +93,49 @@ def _eager_backward(grad, x, out, scale, need_scale: bool):
 
 
 def _fusable(*tensors) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+    """float32 CPU tensors (None passes): the C++ kernels' domain. Callers make them contiguous."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+
+
+def _mask_dtype(*tensors) -> torch.dtype:
+    """uint8 where the fused kernels will take the tensors, else their own dtype (for the eager ``lerp``)."""
+    if _KERNELS["native"] and fake_quant_kernels() is not None and _fusable(*tensors):
+        return torch.uint8
+    return tensors[0].dtype
 
 
 def _fused_forward(x, scale, zero_point, n_bits: int, drop):
-    """The one-pass C++ kernel (``native``) for contiguous float32 CPU tensors, else the eager one."""
+    """The one-pass C++ kernel (``native``) for float32 CPU tensors (and a uint8 mask), else the eager
+    one. A strided input (attention's heads) is copied contiguous first: still 2 passes against 6."""
     fused = fake_quant_kernels()
-    if fused is not None and _fusable(x, drop):
-        return fused.forward(x, float(scale), float(zero_point), 2**n_bits - 1, drop)
-    return _eager_forward(x, scale, zero_point, n_bits, drop)
+    if fused is not None and _fusable(x) and (drop is None or drop.dtype == torch.uint8):
+        return fused.forward(x.contiguous(), float(scale), float(zero_point), 2**n_bits - 1, drop)
+    return _eager_forward(x, scale, zero_point, n_bits, None if drop is None else drop.to(x.dtype))
 
 
 def _fused_backward(grad, x, out, scale, need_scale: bool):
     fused = fake_quant_kernels()
-    if fused is not None and _fusable(x, out) and grad.device.type == "cpu" and grad.dtype == torch.float32:
-        grads = fused.backward(grad.contiguous(), x, out, float(scale), need_scale)
+    if fused is not None and _fusable(grad, x, out):
+        grads = fused.backward(grad.contiguous(), x.contiguous(), out.contiguous(), float(scale), need_scale)
         return grads[0], grads[1].to(scale.dtype) if need_scale else None
     return _eager_backward(grad, x, out, scale, need_scale)
 
 
-_KERNELS = {"forward": _fused_forward, "backward": _fused_backward}
+_KERNELS = {"forward": _fused_forward, "backward": _fused_backward, "native": True}  # native: AdaRound's too
 
 
 def use_kernels(kind: str) -> None:
-    """Which fake-quant kernels the activation quantizers run: "fused" (the default: one C++ pass
-    each way on CPU float32, eager elsewhere), "eager" (torch ops only) or "compiled"
-    (``QDropConfig.compile``: each eager kernel fused by ``torch.compile``, for GPUs and dtypes the
-    C++ kernels do not cover; on CPU its per-call guards cost more than it saves on small blocks)."""
+    """Which kernels the quantizers run: "fused" (the default: the C++ kernels on CPU float32, eager
+    elsewhere), "eager" (torch ops only) or "compiled" (``QDropConfig.compile``: the activation
+    quantizers' eager kernels fused by ``torch.compile``, for GPUs and dtypes the C++ kernels do not
+    cover; on CPU its per-call guards cost more than it saves on small blocks)."""
     if kind == "fused":
-        _KERNELS.update(forward=_fused_forward, backward=_fused_backward)
+        _KERNELS.update(forward=_fused_forward, backward=_fused_backward, native=True)
     elif kind == "eager":
-        _KERNELS.update(forward=_eager_forward, backward=_eager_backward)
+        _KERNELS.update(forward=_eager_forward, backward=_eager_backward, native=False)
     elif kind == "compiled":
         _KERNELS.update(forward=torch.compile(_eager_forward, dynamic=True),
-                        backward=torch.compile(_eager_backward, dynamic=True))
+                        backward=torch.compile(_eager_backward, dynamic=True), native=False)
     else:
         raise ValueError(f"kernels must be 'fused', 'eager' or 'compiled', not {kind!r}")
 
@@ -148,41 +161,66 @@ def _rectified_sigmoid_grad(alpha: torch.Tensor) -> torch.Tensor:
     return sig.mul_(1 - sig).mul_(inside.mul_(ZETA - GAMMA))
 
 
+def _eager_soft_weight(alpha, base, step):
+    return torch.addcmul(base, _rectified_sigmoid(alpha), step)
+
+
+def _eager_soft_weight_backward(alpha, step, grad):
+    return _rectified_sigmoid_grad(alpha).mul_(step).mul_(grad)
+
+
+def _eager_rounding_loss(alpha, beta: float):
+    """sum(1 - |c|^beta), c = 2h(alpha) - 1, and its alpha-gradient -2 beta |c|^(beta-1) sign(c) dh/dalpha."""
+    c = _rectified_sigmoid(alpha).mul_(2).sub_(1)
+    mag = c.abs()
+    pow1 = mag.pow(beta - 1)
+    loss = alpha.numel() - torch.dot(pow1.reshape(-1), mag.reshape(-1))
+    return loss, pow1.mul_(torch.sign(c)).mul_(_rectified_sigmoid_grad(alpha)).mul_(-2 * beta)
+
+
+def _adaround_kernel(name: str, eager, *tensors):
+    """The C++ kernel for contiguous float32 CPU tensors (with the fused kernels selected), else eager."""
+    fused = fake_quant_kernels() if _KERNELS["native"] else None
+    if fused is not None and _fusable(*tensors) and all(t.is_contiguous() for t in tensors):
+        return getattr(fused, name)
+    return eager
+
+
 class _SoftWeight(torch.autograd.Function):
     """AdaRound's soft weight ``base + h(alpha) * step`` as one node that saves nothing of its own.
 
     Autograd through the elementwise chain would keep the sigmoid, the clamp input and the soft
     rounding alive until backward: three weight-sized tensors per layer for every micro-batch's graph.
-    The backward recomputes ``dh/dalpha`` from ``alpha`` instead (a few passes over the weights).
+    The backward recomputes ``dh/dalpha`` from ``alpha`` instead.
     """
 
     @staticmethod
     def forward(ctx, alpha, base, step):
         ctx.save_for_backward(alpha, step)
-        return torch.addcmul(base, _rectified_sigmoid(alpha), step)
+        return _adaround_kernel("soft_weight", _eager_soft_weight, alpha, base, step)(alpha, base, step)
 
     @staticmethod
     def backward(ctx, grad):
         alpha, step = ctx.saved_tensors
-        return _rectified_sigmoid_grad(alpha).mul_(step).mul_(grad), None, None
+        grad = grad.contiguous()
+        return _adaround_kernel("soft_weight_backward", _eager_soft_weight_backward, alpha, step, grad)(alpha, step, grad), None, None
 
 
 class _RoundingLoss(torch.autograd.Function):
-    """sum(1 - |2h(alpha) - 1|^beta) as one node saving only ``alpha`` (backward recomputes h)."""
+    """sum(1 - |2h(alpha) - 1|^beta) as one node; its gradient is computed with the value (one pass
+    in the C++ kernel) and saved: the loss is added once per iteration, so this is one weight-sized
+    tensor per layer."""
 
     @staticmethod
     def forward(ctx, alpha, beta: float):
-        ctx.save_for_backward(alpha)
-        ctx.beta = beta
-        return alpha.numel() - _rectified_sigmoid(alpha).mul_(2).sub_(1).abs_().pow_(beta).sum()
+        loss, grad = _adaround_kernel("rounding_loss", _eager_rounding_loss, alpha)(alpha, beta)
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad):
-        (alpha,) = ctx.saved_tensors
-        dh = _rectified_sigmoid_grad(alpha)
-        c = _rectified_sigmoid(alpha).mul_(2).sub_(1)  # d/dh (-|c|^beta) = -2 beta |c|^(beta-1) sign(c)
-        d = c.abs().pow_(ctx.beta - 1).mul_(torch.sign(c)).mul_(-2 * ctx.beta)
-        return d.mul_(dh).mul_(grad), None
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None
 
 
 class WeightQuantizer(nn.Module):
@@ -324,7 +362,7 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled or not bool(self.initialized):
             return x
-        drop = self.drop_masks(x.shape, x.dtype) if self.drop_masks is not None else None
+        drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
             return _FakeQuant.apply(x, self.scale, self.zero_point, self.n_bits, drop)
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)

@@ -89,10 +89,11 @@ def test_adaround_starts_at_float_weight_and_hardens_onto_grid():
     assert not torch.allclose(soft, hard)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "eager"])
 @pytest.mark.parametrize("beta", [20.0, 7.5, 2.0])
-def test_fused_soft_weight_and_rounding_loss_match_textbook_autograd(beta):
-    """The one-node soft weight and regulariser give the values and alpha-gradients of autograd
-    through sigmoid -> stretch -> clamp, with alphas on both sides of the clamp."""
+def test_fused_soft_weight_and_rounding_loss_match_textbook_autograd(beta, kernels):
+    """The one-node soft weight and regulariser (C++ or torch ops) give the values and alpha-gradients
+    of autograd through sigmoid -> stretch -> clamp, with alphas on both sides of the clamp."""
     w = torch.randn(16, 24)
     q = WeightQuantizer(3)
     q.init_range(w)
@@ -108,8 +109,12 @@ def test_fused_soft_weight_and_rounding_loss_match_textbook_autograd(beta):
 
     for fused in (True, False):
         q.alpha.grad = None
-        soft, reg = (q(w), q.rounding_loss(beta)) if fused else textbook()
-        ((soft * g).sum() + 0.3 * reg).backward()
+        use_kernels(kernels)
+        try:
+            soft, reg = (q(w), q.rounding_loss(beta)) if fused else textbook()
+            ((soft * g).sum() + 0.3 * reg).backward()
+        finally:
+            use_kernels("fused")
         if fused:
             got = (soft.detach(), reg.detach(), q.alpha.grad.clone())
         else:
@@ -184,7 +189,7 @@ def test_fake_quant_node_matches_straight_through_reference(kernels):
     q.enabled = True
     q.scale.requires_grad_(True)
     drop = (torch.rand(x.shape) < 0.5).float()
-    q.drop_masks = lambda shape, dtype: drop
+    q.drop_masks = lambda shape, dtype: drop.to(dtype)
     g = torch.randn(6, 50)
     use_kernels(kernels)
     try:
@@ -220,7 +225,7 @@ def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
     drop = (torch.rand(x.shape, generator=gen) < 0.5).float()
     for d in (None, drop):
         eager = _eager_forward(x, scale, zp, n_bits, d)
-        fused = kernels.forward(x, float(scale), zero_point, 2**n_bits - 1, d)
+        fused = kernels.forward(x, float(scale), zero_point, 2**n_bits - 1, None if d is None else d.to(torch.uint8))
         assert torch.equal(fused, eager)
         g_eager, s_eager = _eager_backward(grad, x, eager, scale, True)
         g_fused, s_fused = kernels.backward(grad, x, fused, float(scale), True)
@@ -230,8 +235,8 @@ def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
     assert torch.equal(x[drop.bool()], fused[drop.bool()])
 
 
-def test_fused_kernels_leave_other_tensors_to_eager():
-    """Half precision and non-contiguous activations take the eager path (same values), not an error."""
+def test_fused_kernels_take_strided_inputs_and_leave_half_precision_to_eager():
+    """A strided activation (attention's heads) and a bfloat16 one quantize to the eager values."""
     q, x = fitted_act()
     for other in (x.t(), x.to(torch.bfloat16)):
         use_kernels("eager")
@@ -240,3 +245,23 @@ def test_fused_kernels_leave_other_tensors_to_eager():
         finally:
             use_kernels("fused")
         assert torch.equal(q(other), expected)
+
+
+def test_drop_masks_are_the_same_draws_for_either_kernel_and_mix_exactly():
+    """uint8 masks (fused kernels) and float masks (eager) come from the same draws, and the C++
+    input mixing gives the eager lerp's result bit for bit: either value, never a blend."""
+    shape = torch.Size([4, 3000])
+    as_bytes = DropMasks(0.5, torch.Generator().manual_seed(3), min_pool=1 << 14)
+    as_float = DropMasks(0.5, torch.Generator().manual_seed(3), min_pool=1 << 14)
+    for _ in range(3):
+        assert torch.equal(as_bytes(shape, torch.uint8).float(), as_float(shape, torch.float32))
+    kept, other = torch.randn(shape), torch.randn(shape)
+    mixed = DropMasks(0.5, torch.Generator().manual_seed(4)).mix(kept, other)
+    use_kernels("eager")
+    try:
+        expected = DropMasks(0.5, torch.Generator().manual_seed(4)).mix(kept, other)
+    finally:
+        use_kernels("fused")
+    assert torch.equal(mixed, expected)
+    from_other = mixed == other
+    assert torch.equal(mixed[~from_other], kept[~from_other]) and 0.4 < from_other.float().mean() < 0.6
