@@ -1,16 +1,20 @@
-"""The fused CPU fake-quant kernels of ``csrc/fake_quant.cpp``, compiled on first use.
+"""The fused CPU kernels of ``csrc/fake_quant.cpp``, compiled on first use.
 
-One pass forward and one backward instead of the eager kernels' twelve (a CIFAR ResNet block's
-iteration spends a third of an FP forward+backward on them otherwise). Built with torch's JIT
-extension loader (``ninja`` and a C++ compiler; about 20 s once, then cached under
-``$TORCH_EXTENSIONS_DIR``) and compiled for the machine it runs on. Where the build fails, or with
-``QDROP_NATIVE=0``, the eager kernels run instead: same values, slower.
+One pass each way for an activation quantizer (the eager kernels take twelve: a CIFAR ResNet
+block's iteration spent a third of an FP forward+backward on them), for AdaRound's soft weight and
+rounding loss, and for QDrop's input mixing; with autograd nodes written in C++, so that a training
+step does not call back into Python per quantizer. Built with torch's JIT extension loader (``ninja``
+and a C++ compiler; about 30 s once, then cached under ``$TORCH_EXTENSIONS_DIR``), for the CPU it
+runs on. Where the build fails, or with ``QDROP_NATIVE=0``, the torch-op kernels run instead: the
+same values (AdaRound's within float rounding), slower.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,25 +25,39 @@ _state: dict = {}
 
 
 def fake_quant_kernels():
-    """The compiled module (``forward``/``backward``), or None where it cannot be had."""
+    """The compiled module, or None where it cannot be had (then a warning says why, once)."""
     if "module" not in _state:
         _state["module"] = _build() if os.environ.get("QDROP_NATIVE", "1") != "0" else None
     return _state["module"]
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags (Linux), or of the processor name elsewhere."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
 def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        # -march=native: the build is cached per machine type (the name carries it), never shipped.
-        name = f"qdrop_fake_quant_{platform.machine()}"
+        # -march=native: the build is cached under a name that carries the CPU's features, so that a
+        # home directory shared by different machines never loads one built for another.
+        name = f"qdrop_fake_quant_{platform.machine()}_{_cpu_tag()}"
         flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
         if platform.machine() in ("x86_64", "AMD64"):
             flags.append("-march=native")
         # ATen's parallel_for is inlined OpenMP: without -fopenmp it runs on one thread. The library
         # then needs libgomp.so.1, which resolves to the copy torch has already loaded.
         openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-        logger.info("building the fused fake-quant kernels (once per machine, about 20 s)")
+        if shutil.which("ninja") is None:  # pip's ninja is in the venv's bin, off PATH when not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        logger.info("building the fused kernels (once per machine, about 30 s)")
         return load(name, [str(_SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp)
     except Exception as err:  # no compiler, no ninja, unwritable cache: the eager kernels still work
         logger.warning("fused fake-quant kernels unavailable (%s); using the eager ones", err)

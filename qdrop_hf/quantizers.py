@@ -113,15 +113,9 @@ def _fused_forward(x, scale, zero_point, n_bits: int, drop):
     return _eager_forward(x, scale, zero_point, n_bits, None if drop is None else drop.to(x.dtype))
 
 
-def _fused_backward(grad, x, out, scale, need_scale: bool):
-    fused = fake_quant_kernels()
-    if fused is not None and _fusable(grad, x, out):
-        grads = fused.backward(grad.contiguous(), x.contiguous(), out.contiguous(), float(scale), need_scale)
-        return grads[0], grads[1].to(scale.dtype) if need_scale else None
-    return _eager_backward(grad, x, out, scale, need_scale)
-
-
-_KERNELS = {"forward": _fused_forward, "backward": _fused_backward, "native": True}  # native: AdaRound's too
+# The kernels of the Python fake-quant node and of the no-grad path; with "native", the C++ autograd
+# nodes (fake quant, soft weight, rounding loss) replace the Python ones where they apply.
+_KERNELS = {"forward": _fused_forward, "backward": _eager_backward, "native": True}
 
 
 def use_kernels(kind: str) -> None:
@@ -130,7 +124,7 @@ def use_kernels(kind: str) -> None:
     quantizers' eager kernels fused by ``torch.compile``, for GPUs and dtypes the C++ kernels do not
     cover; on CPU its per-call guards cost more than it saves on small blocks)."""
     if kind == "fused":
-        _KERNELS.update(forward=_fused_forward, backward=_fused_backward, native=True)
+        _KERNELS.update(forward=_fused_forward, backward=_eager_backward, native=True)
     elif kind == "eager":
         _KERNELS.update(forward=_eager_forward, backward=_eager_backward, native=False)
     elif kind == "compiled":
@@ -161,33 +155,18 @@ def _rectified_sigmoid_grad(alpha: torch.Tensor) -> torch.Tensor:
     return sig.mul_(1 - sig).mul_(inside.mul_(ZETA - GAMMA))
 
 
-def _eager_soft_weight(alpha, base, step):
-    return torch.addcmul(base, _rectified_sigmoid(alpha), step)
+def _native():
+    """The C++ module when the fused kernels are selected and built, else None."""
+    return fake_quant_kernels() if _KERNELS["native"] else None
 
 
-def _eager_soft_weight_backward(alpha, step, grad):
-    return _rectified_sigmoid_grad(alpha).mul_(step).mul_(grad)
-
-
-def _eager_rounding_loss(alpha, beta: float):
-    """sum(1 - |c|^beta), c = 2h(alpha) - 1, and its alpha-gradient -2 beta |c|^(beta-1) sign(c) dh/dalpha."""
-    c = _rectified_sigmoid(alpha).mul_(2).sub_(1)
-    mag = c.abs()
-    pow1 = mag.pow(beta - 1)
-    loss = alpha.numel() - torch.dot(pow1.reshape(-1), mag.reshape(-1))
-    return loss, pow1.mul_(torch.sign(c)).mul_(_rectified_sigmoid_grad(alpha)).mul_(-2 * beta)
-
-
-def _adaround_kernel(name: str, eager, *tensors):
-    """The C++ kernel for contiguous float32 CPU tensors (with the fused kernels selected), else eager."""
-    fused = fake_quant_kernels() if _KERNELS["native"] else None
-    if fused is not None and _fusable(*tensors) and all(t.is_contiguous() for t in tensors):
-        return getattr(fused, name)
-    return eager
+def _native_takes(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 class _SoftWeight(torch.autograd.Function):
-    """AdaRound's soft weight ``base + h(alpha) * step`` as one node that saves nothing of its own.
+    """AdaRound's soft weight ``base + h(alpha) * step`` as one node that saves nothing of its own
+    (torch ops; the C++ node in ``csrc`` does the same in one pass each way).
 
     Autograd through the elementwise chain would keep the sigmoid, the clamp input and the soft
     rounding alive until backward: three weight-sized tensors per layer for every micro-batch's graph.
@@ -197,30 +176,54 @@ class _SoftWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, base, step):
         ctx.save_for_backward(alpha, step)
-        return _adaround_kernel("soft_weight", _eager_soft_weight, alpha, base, step)(alpha, base, step)
+        return torch.addcmul(base, _rectified_sigmoid(alpha), step)
 
     @staticmethod
     def backward(ctx, grad):
         alpha, step = ctx.saved_tensors
-        grad = grad.contiguous()
-        return _adaround_kernel("soft_weight_backward", _eager_soft_weight_backward, alpha, step, grad)(alpha, step, grad), None, None
+        return _rectified_sigmoid_grad(alpha).mul_(step).mul_(grad), None, None
 
 
 class _RoundingLoss(torch.autograd.Function):
-    """sum(1 - |2h(alpha) - 1|^beta) as one node; its gradient is computed with the value (one pass
-    in the C++ kernel) and saved: the loss is added once per iteration, so this is one weight-sized
-    tensor per layer."""
+    """sum(1 - |c|^beta), c = 2h(alpha) - 1, as one node (torch ops; the C++ node does the same in one
+    pass). Its gradient, -2 beta |c|^(beta-1) sign(c) dh/dalpha, is computed with the value and saved:
+    the loss is added once per iteration, so this is one weight-sized tensor per layer."""
 
     @staticmethod
     def forward(ctx, alpha, beta: float):
-        loss, grad = _adaround_kernel("rounding_loss", _eager_rounding_loss, alpha)(alpha, beta)
-        ctx.save_for_backward(grad)
+        c = _rectified_sigmoid(alpha).mul_(2).sub_(1)
+        mag = c.abs()
+        pow1 = mag.pow(beta - 1)
+        loss = alpha.numel() - torch.dot(pow1.reshape(-1), mag.reshape(-1))
+        ctx.save_for_backward(pow1.mul_(torch.sign(c)).mul_(_rectified_sigmoid_grad(alpha)).mul_(-2 * beta))
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out, None
+
+
+def _soft_weight(alpha, base, step):
+    native = _native()
+    if native is not None and _native_takes(alpha, base, step):
+        return native.soft_weight_node(alpha, base, step)
+    return _SoftWeight.apply(alpha, base, step)
+
+
+def _rounding_loss(alpha, beta: float):
+    native = _native()
+    if native is not None and _native_takes(alpha):
+        return native.rounding_loss_node(alpha, beta)
+    return _RoundingLoss.apply(alpha, beta)
+
+
+def _fake_quant(x, scale, zero_point, n_bits: int, drop):
+    """The fake-quant autograd node: the C++ one for float32 CPU activations, else ``_FakeQuant``."""
+    native = _native()
+    if native is not None and _fusable(x) and scale.dtype == torch.float32 and (drop is None or drop.dtype == torch.uint8):
+        return native.fake_quant(x, scale, float(zero_point), 2**n_bits - 1, drop)
+    return _FakeQuant.apply(x, scale, zero_point, n_bits, drop)
 
 
 class WeightQuantizer(nn.Module):
@@ -294,7 +297,7 @@ class WeightQuantizer(nn.Module):
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """AdaRound's regulariser, sum(1 - |2h - 1|^beta): zero only when every h is 0 or 1."""
-        return _RoundingLoss.apply(self.alpha, beta)
+        return _rounding_loss(self.alpha, beta)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> None:
@@ -316,7 +319,7 @@ class WeightQuantizer(nn.Module):
         if self.hardened:
             return self.dequantized().to(weight.dtype)
         if self.alpha is not None:
-            return _SoftWeight.apply(self.alpha, self.w_base, self.w_step).to(weight.dtype)
+            return _soft_weight(self.alpha, self.w_base, self.w_step).to(weight.dtype)
         return fake_quantize(weight, self.scale, self.zero_point, self.n_bits).to(weight.dtype)
 
 
@@ -364,7 +367,7 @@ class ActQuantizer(nn.Module):
             return x
         drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            return _FakeQuant.apply(x, self.scale, self.zero_point, self.n_bits, drop)
+            return _fake_quant(x, self.scale, self.zero_point, self.n_bits, drop)
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 
     def extra_repr(self) -> str:
