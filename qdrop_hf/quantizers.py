@@ -23,11 +23,11 @@ class DropMasks:
     Served as windows of one pre-drawn pool: drawing fresh random numbers for every activation at
     every iteration costs as much as the block's arithmetic on a CPU (about 2 ns an element), while a
     window at a random offset into a pool half again as large as the request is Bernoulli
-    element-wise and costs nothing per call. The pool is uint8, which the fused C++ kernels read (a
-    quarter of a float mask's memory traffic); the eager kernels get float windows, not bool: on CPU, bool-masked
-    ``where``/``mul`` run an order of magnitude slower than float arithmetic, and a 0/1 float mask
-    mixes exactly through ``lerp`` (``a.lerp(b, 0) == a``, ``a.lerp(b, 1) == b``, bit for bit). The
-    masks do not depend on which kernels run.
+    element-wise and costs nothing per call. The pool is uint8, which the C++ kernels read (a quarter
+    of a float mask's memory traffic); the torch-op kernels get float windows, not bool: on CPU,
+    bool-masked ``where``/``mul`` run an order of magnitude slower than float arithmetic, and a 0/1
+    float mask mixes exactly through ``lerp`` (``a.lerp(b, 0) == a``, ``a.lerp(b, 1) == b``, bit for
+    bit). The masks do not depend on which kernels run.
     """
 
     def __init__(self, keep_prob: float, generator: torch.Generator, min_pool: int = 1 << 20):
@@ -59,8 +59,10 @@ class _FakeQuant(torch.autograd.Function):
     straight-through gradient from ``|out - x| < s/2`` (true for in-range elements and for dropped
     ones, whose output is ``x``; a clipped element lies at least half a step from its grid value as
     the zero point is an integer), so it saves only ``x`` and the output: no mask, no per-element
-    step gradient, and the output is usually saved by the next op anyway. The LSQ step gradient is ``sum(g * (out - x * pass)) / s``: ``round(v) - v``
-    for a kept in-range element, ``q - zp`` for a clipped one, 0 for a dropped one.
+    step gradient, and the output is usually saved by the next op anyway. The LSQ step gradient is
+    ``sum(g * (out - x * pass)) / s``: ``round(v) - v`` for a kept in-range element, ``q - zp`` for a
+    clipped one, 0 for a dropped one. This is the torch-op node; ``csrc``'s ``FakeQuantNode`` is the
+    same in C++.
     """
 
     @staticmethod

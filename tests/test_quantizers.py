@@ -265,3 +265,26 @@ def test_drop_masks_are_the_same_draws_for_either_kernel_and_mix_exactly():
     assert torch.equal(mixed, expected)
     from_other = mixed == other
     assert torch.equal(mixed[~from_other], kept[~from_other]) and 0.4 < from_other.float().mean() < 0.6
+
+
+def test_a_failed_kernel_build_falls_back_to_torch_ops(monkeypatch, caplog):
+    """No compiler (the loader raising): one warning, no module, and the quantizers still run."""
+    import torch.utils.cpp_extension
+
+    from qdrop_hf import native
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_state", {})
+    with caplog.at_level("WARNING", logger="qdrop_hf.native"):
+        assert native.fake_quant_kernels() is None
+        assert native.fake_quant_kernels() is None  # tried once
+    assert sum("c++ not found" in r.message for r in caplog.records) == 1
+    q, x = fitted_act()
+    q.scale.requires_grad_(True)
+    q.drop_masks = DropMasks(0.5, torch.Generator().manual_seed(0), min_pool=1 << 14)
+    out = q(x)
+    out.sum().backward()
+    assert q.scale.grad is not None and torch.isfinite(out).all()

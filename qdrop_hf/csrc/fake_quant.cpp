@@ -1,4 +1,5 @@
-// Fused CPU kernels of the reconstruction loop, one pass each over float32 tensors:
+// Fused CPU kernels of the reconstruction loop, one pass each over float32 tensors (built and loaded
+// by qdrop_hf/native.py; quantizers.py holds the torch-op versions they replace):
 // - LSQ fake quantization with QDrop's drop, forward and backward. The eager kernels in quantizers.py
 //   take about twelve passes over the activation for the two directions; on a small block (a CIFAR
 //   ResNet block: 0.5M elements, 20-30 us a pass on 2 cores) that alone costs a third of an FP
@@ -7,6 +8,7 @@
 // - AdaRound's soft weight and rounding loss with their alpha-gradients, where the eager path is
 //   some thirty small ops per layer per iteration (mostly call overhead on a small conv). Their
 //   sigmoid and power use the polynomial exp/log below: within a few 1e-7 of torch's.
+// - QDrop's mixing of a block's input, and the three operations as C++ autograd nodes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <bit>
@@ -83,13 +85,13 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
               name, " must be a contiguous float32 CPU tensor");
 }
-}  // namespace
 
 void check_mask(const at::Tensor& mask, const at::Tensor& x) {
   TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kByte && mask.is_contiguous(),
               "a drop mask must be a contiguous uint8 CPU tensor");
   TORCH_CHECK(mask.numel() == x.numel(), "drop mask has ", mask.numel(), " elements, x ", x.numel());
 }
+}  // namespace
 
 // out = clamp(round(x / s), -zp, qmax - zp) * s, or x where the uint8 drop mask is 1
 at::Tensor fq_forward(const at::Tensor& x, double scale, double zero_point, int64_t qmax,
