@@ -109,8 +109,9 @@ class QDropConfig:
             bad("cache_dir", "not a writable directory")
         if not 0.0 <= self.warmup < 1.0:
             bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
-        if self.b_start < self.b_end or self.b_end <= 0:
-            bad("b_start", f"beta anneals from b_start down to b_end > 0 (b_end={self.b_end})")
+        if self.b_start < self.b_end or self.b_end < 1:
+            # below 1, |2h - 1|^beta has an unbounded gradient where h = 1/2
+            bad("b_start", f"beta anneals from b_start down to b_end >= 1 (b_end={self.b_end})")
         for name in ("weight", "lr", "round_lr"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(name, "must be >= 0")
