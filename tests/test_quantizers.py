@@ -212,6 +212,7 @@ def test_fake_quant_node_matches_straight_through_reference(kernels):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
     assert torch.allclose(q.scale.grad, s2.grad, rtol=1e-4, atol=1e-5)
 
+
 @pytest.mark.parametrize("n_bits,zero_point", [(2, 1.0), (4, 0.0), (4, 7.0), (8, 128.0)])
 def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
     """The C++ kernels give the eager kernels' values bit for bit (outputs and input gradients, over
