@@ -95,13 +95,19 @@ def _eager_backward(grad, x, out, scale, need_scale: bool):
 
 
 def _fusable(*tensors) -> bool:
-    """float32 CPU tensors (None passes): the C++ kernels' domain. Callers make them contiguous."""
+    """float32 CPU tensors (None passes): the C++ kernels' domain. Strided ones are made contiguous
+    on the way in."""
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+
+
+def _native():
+    """The C++ module when the fused kernels are selected and built, else None."""
+    return fake_quant_kernels() if _KERNELS["native"] else None
 
 
 def _mask_dtype(*tensors) -> torch.dtype:
     """uint8 where the fused kernels will take the tensors, else their own dtype (for the eager ``lerp``)."""
-    if _KERNELS["native"] and fake_quant_kernels() is not None and _fusable(*tensors):
+    if _native() is not None and _fusable(*tensors):
         return torch.uint8
     return tensors[0].dtype
 
@@ -157,15 +163,6 @@ def _rectified_sigmoid_grad(alpha: torch.Tensor) -> torch.Tensor:
     return sig.mul_(1 - sig).mul_(inside.mul_(ZETA - GAMMA))
 
 
-def _native():
-    """The C++ module when the fused kernels are selected and built, else None."""
-    return fake_quant_kernels() if _KERNELS["native"] else None
-
-
-def _native_takes(*tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-
-
 class _SoftWeight(torch.autograd.Function):
     """AdaRound's soft weight ``base + h(alpha) * step`` as one node that saves nothing of its own
     (torch ops; the C++ node in ``csrc`` does the same in one pass each way).
@@ -208,14 +205,14 @@ class _RoundingLoss(torch.autograd.Function):
 
 def _soft_weight(alpha, base, step):
     native = _native()
-    if native is not None and _native_takes(alpha, base, step):
+    if native is not None and _fusable(alpha, base, step):
         return native.soft_weight_node(alpha, base, step)
     return _SoftWeight.apply(alpha, base, step)
 
 
 def _rounding_loss(alpha, beta: float):
     native = _native()
-    if native is not None and _native_takes(alpha):
+    if native is not None and _fusable(alpha):
         return native.rounding_loss_node(alpha, beta)
     return _RoundingLoss.apply(alpha, beta)
 
@@ -223,7 +220,7 @@ def _rounding_loss(alpha, beta: float):
 def _fake_quant(x, scale, zero_point, n_bits: int, drop):
     """The fake-quant autograd node: the C++ one for float32 CPU activations, else ``_FakeQuant``."""
     native = _native()
-    if native is not None and _fusable(x) and scale.dtype == torch.float32 and (drop is None or drop.dtype == torch.uint8):
+    if native is not None and _fusable(x, scale) and (drop is None or drop.dtype == torch.uint8):
         return native.fake_quant(x, scale, float(zero_point), 2**n_bits - 1, drop)
     return _FakeQuant.apply(x, scale, zero_point, n_bits, drop)
 

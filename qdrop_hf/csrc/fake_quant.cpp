@@ -123,7 +123,8 @@ at::Tensor fq_forward(const at::Tensor& x, double scale, double zero_point, int6
 }
 
 // grad_x = grad where |out - x| < s/2 (in range, or dropped), else 0;
-// grad_s = sum(grad * (out - x * pass)) / s (returned only when need_scale)
+// grad_s = sum(grad * (out - x * pass)) / s (returned only when need_scale; the pass is memory-bound,
+// so the sum costs nothing measurable when it is not wanted)
 std::vector<at::Tensor> fq_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
                                     double scale, bool need_scale) {
   check(grad, "grad");
@@ -134,16 +135,6 @@ std::vector<at::Tensor> fq_backward(const at::Tensor& grad, const at::Tensor& x,
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *op = out.data_ptr<float>();
   float* gx = grad_x.data_ptr<float>();
   const int64_t n = x.numel();
-  if (!need_scale) {
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) {
-        const float pass = std::fabs(op[i] - xp[i]) < half ? 1.f : 0.f;
-        gx[i] = gp[i] * pass;
-      }
-    });
-    return {grad_x};
-  }
   // Partial sums per thread, each over kLanes independent accumulators: gcc's `omp simd reduction`
   // keeps its lanes in memory here and runs 15x slower than this.
   std::vector<double> partial(at::get_num_threads(), 0.0);
@@ -168,6 +159,7 @@ std::vector<at::Tensor> fq_backward(const at::Tensor& grad, const at::Tensor& x,
     for (float lane : lanes) sum += lane;
     partial[at::get_thread_num()] += sum;
   });
+  if (!need_scale) return {grad_x};
   double total = 0.0;
   for (double p : partial) total += p;
   return {grad_x, at::scalar_tensor(total / s, x.options())};
@@ -271,24 +263,28 @@ using torch::autograd::variable_list;
 struct FakeQuantNode : public torch::autograd::Function<FakeQuantNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale, double zero_point,
                             int64_t qmax, const c10::optional<at::Tensor>& drop) {
+    TORCH_CHECK(scale.scalar_type() == at::kFloat, "the step must be float32");
     const auto xc = x.contiguous();
-    auto out = fq_forward(xc, scale.item<double>(), zero_point, qmax, drop);
-    ctx->save_for_backward({xc, out, scale});
+    const double s = scale.item<double>();  // read once; the step does not change before backward
+    auto out = fq_forward(xc, s, zero_point, qmax, drop);
+    ctx->save_for_backward({xc, out});
+    ctx->saved_data["scale"] = s;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_scale = ctx->needs_input_grad(1);
-    auto g = fq_backward(grads[0].contiguous(), saved[0], saved[1], saved[2].item<double>(), need_scale);
-    return {g[0], need_scale ? g[1].to(saved[2].dtype()) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto g = fq_backward(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["scale"].toDouble(), need_scale);
+    return {g[0], need_scale ? g[1] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 struct SoftWeightNode : public torch::autograd::Function<SoftWeightNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& base, const at::Tensor& step) {
-    ctx->save_for_backward({alpha, step});
-    return soft_weight(alpha, base, step);
+    const auto a = alpha.contiguous(), st = step.contiguous();
+    ctx->save_for_backward({a, st});
+    return soft_weight(a, base.contiguous(), st);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -299,7 +295,7 @@ struct SoftWeightNode : public torch::autograd::Function<SoftWeightNode> {
 
 struct RoundingLossNode : public torch::autograd::Function<RoundingLossNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, double beta) {
-    auto loss_and_grad = rounding_loss(alpha, beta);
+    auto loss_and_grad = rounding_loss(alpha.contiguous(), beta);
     ctx->save_for_backward({loss_and_grad[1]});
     return loss_and_grad[0];
   }
