@@ -65,6 +65,7 @@ class QDropConfig:
     num_samples: int = 1024
     lr: float = 4e-5
     round_lr: float | None = None
+    bias_correction: bool = False
     warmup: float = 0.2
     b_start: float = 20.0
     b_end: float = 2.0

@@ -69,6 +69,13 @@ def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over processes, in place."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def sum_over_processes(*values: float) -> list[float]:
     if world_size() == 1:
         return list(values)

@@ -18,8 +18,8 @@ from .config import QDropConfig
 from .families import Family
 from .plan import QuantPlan, prepare_model, set_quant_state
 from .quantizers import use_kernels
-from .reconstruct import (ACT_CALIB_SAMPLES, calibrate_unit_acts, capture, follow, observe, reconstruct_unit, run_until,
-                          unit_error)
+from .reconstruct import (ACT_CALIB_SAMPLES, calibrate_unit_acts, capture, follow, observe, observe_input_means,
+                          reconstruct_unit, run_until, unit_error)
 
 logger = logging.getLogger("qdrop_hf")
 
@@ -96,6 +96,8 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         cache.merged()
         cache_s = time.perf_counter() - t_unit
         acts_on = config.act_quant and config.order in ("before", "together")
+        if config.bias_correction:
+            observe_input_means(unit, cache)
         set_quant_state(unit.module, weights=True, acts=False)
         if config.act_quant and config.order == "together":
             calibrate_unit_acts(unit, cache, config.init_amode)
@@ -107,6 +109,8 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         else:
             for layer in unit.layers:
                 layer.weight_quantizer.harden(layer.weight)
+        for layer in unit.layers:
+            layer.fold_bias_correction()
         if config.act_quant and config.order == "after" and config.waq:
             calibrate_unit_acts(unit, cache, config.init_amode)
             set_quant_state(unit.module, weights=True, acts=True)

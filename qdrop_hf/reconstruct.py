@@ -164,6 +164,43 @@ def unit_error(unit: Unit, cache: BlockCache) -> float:
 
 
 @torch.no_grad()
+def observe_input_means(unit: Unit, cache: BlockCache) -> None:
+    """Set ``input_mean`` of the unit's biased layers (bias correction, ``nn.BiasCorrection``): the
+    per-feature mean of each layer's input in the float unit, over the cached float inputs, padding
+    tokens left out."""
+    layers = [layer for layer in unit.layers if layer.bias is not None]
+    if not layers:
+        return
+    sums: dict[int, list] = {}
+    mask = None
+
+    def record(layer, args):
+        x = args[0].detach()
+        if x.dim() == 4:  # convolution input [N, C, H, W]
+            rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+        elif mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            rows = x[mask.bool()]
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        total = sums.setdefault(id(layer), [0.0, 0])
+        total[0] = total[0] + rows.float().sum(0)
+        total[1] += rows.shape[0]
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    set_quant_state(unit.module, weights=False, acts=False)
+    try:
+        for fp_args, _, kwargs, _, mask in cache.chunks():
+            unit.module(*fp_args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in layers:
+        total, count = sums[id(layer)]
+        count = distributed.sum_over_processes(count)[0]
+        layer.input_mean = distributed.sum_tensor(total) / count
+
+
+@torch.no_grad()
 def observe(quantizers: list[ActQuantizer], feed, mode: str, generator=None) -> None:
     """Initialise activation ranges: observers record while ``feed()`` runs forward passes, then search."""
     for q in quantizers:
