@@ -18,7 +18,6 @@ and the quantized model.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -57,9 +56,6 @@ class DataArguments:
         default=None, metadata={"help": "calibrate on N seeded validation images and evaluate on the rest"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on N seeded random images"})
     eval_batch_size: int = field(default=128, metadata={"help": "evaluation batch size"})
-    calib_views: int = field(default=1, metadata={
-        "help": "calibrate on V views of each calibration image: the image, then V-1 random crops (35-100%% of "
-                "its area) flipped at random; with few images this curbs overfitting the rounding to them"})
 
 
 @dataclass
@@ -115,18 +111,6 @@ def hub_images(name: str, config: str | None, split: str) -> Images:
     if image_col is None or label_col is None:
         raise UserError(f"{name} has no image/label columns (columns: {ds.column_names})")
     return Images(lambda i: ds[i][image_col].convert("RGB"), list(ds[label_col]), f"{name}[{split}]")
-
-
-def random_view(image: Image.Image, rng) -> Image.Image:
-    """A random crop of 35-100% of the image's area, aspect ratio 3/4-4/3, flipped left-right half the
-    time; the model's own preprocessing (resize, centre crop) follows."""
-    w, h = image.size
-    area = w * h * rng.uniform(0.35, 1.0)
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    cw, ch = min(w, round(np.sqrt(area * aspect))), min(h, round(np.sqrt(area / aspect)))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    view = image.crop((left, top, left + cw, top + ch))
-    return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
 def builtin_preprocess(pre) -> Callable[[list[Image.Image]], torch.Tensor]:
@@ -220,29 +204,22 @@ def main():
     model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = quant_args.to_config()
-    if data_args.calib_views < 1:
-        raise UserError(f"--calib_views must be at least 1, got {data_args.calib_views}")
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     model, preprocess, processor = load_model(model_args)
     rng = np.random.default_rng(quant_args.seed)
     train, val = load_data(data_args, quant_args.num_samples, rng)
     calib = train.subset(sorted(rng.choice(len(train.labels), quant_args.num_samples, replace=False)))
-    originals = [calib.load(i) for i in range(quant_args.num_samples)]
-    views = originals + [random_view(im, rng) for _ in range(data_args.calib_views - 1) for im in originals]
-    images = preprocess(views)
-    config = dataclasses.replace(config, num_samples=len(views))
+    images = preprocess([calib.load(i) for i in range(quant_args.num_samples)])
     calibration = list(images.split(quant_args.batch_size))
 
     device = resolve_device(config)
     results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
-               "calibration_images": quant_args.num_samples, "calibration_samples": len(views), "eval_images": len(val.labels)}
+               "calibration_images": quant_args.num_samples, "eval_images": len(val.labels)}
 
     def evaluate_on_val(model, desc):
         return evaluate(model, val, preprocess, data_args.eval_batch_size, device, desc)
 
     note = f"{quant_args.num_samples} random images of {train.source}"
-    if data_args.calib_views > 1:
-        note += f", {data_args.calib_views} views each (the image and random flipped crops)"
     quantize_evaluate_save(out, results, model, calibration, config, evaluate_on_val, run_args, processor, note)
 
 

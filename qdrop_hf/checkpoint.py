@@ -3,8 +3,9 @@ continues from the last finished unit and ends exactly where an uninterrupted ru
 
 What is saved is all that reconstruction changes: every weight quantizer's scale, zero point and
 hardened codes, every activation quantizer's step, zero point and "initialised" flag, the per-unit
-report, and torch's global RNG state (every other random stream is re-seeded per unit). The float
-weights never change after preparation, so they are not saved. ``meta.json`` is the commit point: the
+report, the biases of the quantized layers (bias correction changes them), and torch's global RNG state
+(every other random stream is re-seeded per unit). The float weights never change after preparation,
+so they are not saved. ``meta.json`` is the commit point: the
 state file it names is written first, then ``meta.json`` is replaced atomically.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .nn import QuantLayer
 from .quantizers import ActQuantizer, WeightQuantizer
 
 META = "meta.json"
@@ -34,6 +36,8 @@ def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
             fields = ("scale", "zero_point", "codes")
         elif isinstance(m, ActQuantizer):
             fields = ("scale", "zero_point", "initialized")
+        elif isinstance(m, QuantLayer) and m.bias is not None:
+            fields = ("bias",)
         else:
             continue
         for field in fields:
@@ -53,6 +57,8 @@ def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             m.scale.data = state[f"{name}.scale"].to(m.scale.device)
             m.zero_point.copy_(state[f"{name}.zero_point"])
             m.initialized.copy_(state[f"{name}.initialized"])
+        elif isinstance(m, QuantLayer) and m.bias is not None:
+            m.bias.copy_(state[f"{name}.bias"])
 
 
 class Checkpoint:

@@ -61,8 +61,9 @@ class QuantArguments:
     lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
     round_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})
-    bias_correction: bool = field(default=False, metadata={
-        "help": "subtract the mean output shift the weight quantization causes (dW·E[x]) from each layer's float bias"})
+    bias_correction: bool | None = field(default=None, metadata={
+        "help": "subtract the mean output shift that weight rounding causes (dW·E[x]) from each layer's float bias "
+                "(default: on for convolutional networks, off for transformers)"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
     b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
     b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})

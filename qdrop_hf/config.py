@@ -35,6 +35,12 @@ class QDropConfig:
       weights / activations in the blocks before it.
     * ``awq``/``aaq``: the same for whole-model activation calibration (Case 1/2).
 
+    ``bias_correction`` subtracts the mean output shift that weight rounding causes (dW·E[x], with
+    E[x] measured on the calibration data) from each layer's float bias, during reconstruction and
+    after it (``nn.BiasCorrection``); not the method's, an addition. ``None``: the model family's
+    default, on for convolutional networks (BatchNorm folded into depthwise convolutions makes the
+    shift large), off for transformers.
+
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
 
@@ -65,7 +71,7 @@ class QDropConfig:
     num_samples: int = 1024
     lr: float = 4e-5
     round_lr: float | None = None
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     warmup: float = 0.2
     b_start: float = 20.0
     b_end: float = 2.0

@@ -57,7 +57,7 @@ def _build():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        logger.info("building the fused kernels (once per machine, about 30 s)")
+        logger.info("loading the fused kernels (built on first use, about 30 s, then cached)")
         return load(name, [str(_SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp)
     except Exception as err:  # no compiler, no ninja, unwritable cache: the eager kernels still work
         logger.warning("fused fake-quant kernels unavailable (%s); using the eager ones", err)

@@ -68,6 +68,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if done:
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
+    correct_bias = plan.family.bias_correction if config.bias_correction is None else config.bias_correction
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
@@ -96,7 +97,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         cache.merged()
         cache_s = time.perf_counter() - t_unit
         acts_on = config.act_quant and config.order in ("before", "together")
-        if config.bias_correction:
+        if correct_bias:
             observe_input_means(unit, cache)
         set_quant_state(unit.module, weights=True, acts=False)
         if config.act_quant and config.order == "together":

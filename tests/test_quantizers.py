@@ -289,3 +289,37 @@ def test_a_failed_kernel_build_falls_back_to_torch_ops(monkeypatch, caplog):
     out = q(x)
     out.sum().backward()
     assert q.scale.grad is not None and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "depthwise", "grouped", "conv1d"])
+def test_bias_correction_removes_the_mean_output_shift_and_folds_exactly(kind):
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    fp, x = {
+        "linear": (torch.nn.Linear(12, 6), torch.randn(256, 12) + 3),
+        "conv": (torch.nn.Conv2d(8, 6, 3), torch.randn(16, 8, 10, 10) + 3),
+        "depthwise": (torch.nn.Conv2d(8, 8, 3, groups=8), torch.randn(16, 8, 10, 10) + 3),
+        "grouped": (torch.nn.Conv2d(8, 6, 3, groups=2), torch.randn(16, 8, 10, 10) + 3),
+        "conv1d": (Conv1D(6, 12), torch.randn(256, 12) + 3),
+    }[kind]
+    if kind == "conv1d":
+        fp.weight.data.normal_(0, 0.3)  # GPT-2's init (std 0.02) moves the mean too little to test
+    cls = {"linear": QuantLinear, "conv1d": QuantConv1D}.get(kind, QuantConv2d)
+    layer = cls.from_float(copy.deepcopy(fp), 2, True)
+    layer.weight_quantizer.init_range(layer.weight)
+    layer.weight_quantizer.enabled = True
+    layer.weight_quantizer.harden(layer.weight)
+    dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    with torch.no_grad():
+        ref = fp(x).mean(dims)
+        shift = (layer(x).mean(dims) - ref).abs().max()
+        layer.input_mean = x.mean(dims)
+        corrected = layer(x)
+        assert shift > 0.1  # 2-bit weights move the mean output
+        assert (corrected.mean(dims) - ref).abs().max() < (1e-4 if x.dim() == 2 else 0.1 * shift)
+        layer.fold_bias_correction()
+        assert layer.input_mean is None and torch.allclose(layer(x), corrected, atol=1e-5)
+        assert torch.equal(fp.weight, layer.weight) and not torch.equal(fp.bias, layer.bias)

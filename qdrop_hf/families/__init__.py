@@ -33,6 +33,8 @@ class Family:
     families, as the reference code has it (ResNet-20 W2A2 +1.8 over 2.0); 2.0 (MSE) for
     transformers, whose outlier-heavy LayerNorm outputs lose everything at 4 bits under 2.4's wider
     ranges (MiniLM SST-2 W4A4 round-to-nearest: 71.0 with 2.0, 52.2 with 2.4).
+    bias_correction: whether ``QDropConfig.bias_correction=None`` means on (``nn.BiasCorrection``):
+    on for convolutional families, whose folded BatchNorm makes rounding shift channel means.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Family:
     attention: Matcher = None
     prepare: Callable[[nn.Module], None] | None = None
     act_range_p: float = 2.0
+    bias_correction: bool = False
 
 
 def matches(spec: Matcher, name: str, module: nn.Module) -> bool:

@@ -22,7 +22,7 @@ def _relus_and(points: str):
 def _family(name: str, class_name: str, body: str, stem: str, head: str, extra_points: str = r"(?!)") -> None:
     register_family(Family(name=name, model_types=(class_name,), body=body, stem=stem, head=head,
                            act_outputs=_relus_and(f"({body})|{extra_points}"), act_inputs=head,
-                           prepare=fold_batchnorm, act_range_p=2.4))
+                           prepare=fold_batchnorm, act_range_p=2.4, bias_correction=True))
 
 
 _family("cifar_resnet", "CifarResNet", body=r"^layer\d\.\d+$", stem=r"^conv1$", head=r"^linear$")

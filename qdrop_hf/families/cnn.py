@@ -36,6 +36,7 @@ for model_type, prefix, conv_layer in (("resnet", "resnet", "ResNetConvLayer"), 
                                  skip=r"embedder\.embedder$", classes=("RegNetSELayer",)),
         prepare=fold_batchnorm,
         act_range_p=2.4,
+        bias_correction=True,
     ))
 
 register_family(Family(
@@ -47,4 +48,5 @@ register_family(Family(
     act_outputs=_act_outputs("MobileNetV2ConvLayer", r"(conv_stem|layer\.\d+|mobilenet_v2\.pooler)$", skip=r"conv_1x1$"),
     prepare=fold_batchnorm,
     act_range_p=2.4,
+    bias_correction=True,
 ))
