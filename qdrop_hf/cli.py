@@ -63,7 +63,7 @@ class QuantArguments:
         "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})
     bias_correction: bool | None = field(default=None, metadata={
         "help": "subtract the mean output shift that weight rounding causes (dW·E[x]) from each layer's float bias "
-                "(default: on for convolutional networks, off for transformers)"})
+                "(default: on for networks of depthwise convolutions: MobileNetV2, MNasNet, EfficientNet-Lite)"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
     b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
     b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})

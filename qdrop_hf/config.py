@@ -36,10 +36,12 @@ class QDropConfig:
     * ``awq``/``aaq``: the same for whole-model activation calibration (Case 1/2).
 
     ``bias_correction`` subtracts the mean output shift that weight rounding causes (dW·E[x], with
-    E[x] measured on the calibration data) from each layer's float bias, during reconstruction and
-    after it (``nn.BiasCorrection``); not the method's, an addition. ``None``: the model family's
-    default, on for convolutional networks (BatchNorm folded into depthwise convolutions makes the
-    shift large), off for transformers.
+    E[x] measured on the calibration data) from each quantized layer's float bias, during
+    reconstruction and after it (``nn.BiasCorrection``); not the method's, an addition. ``None``: the
+    model family's default, on for networks of depthwise convolutions (MobileNetV2, MNasNet,
+    EfficientNet-Lite), off for the others: where every kernel sums many weights, AdaRound fixes the
+    mean shift by its choice of roundings, also the part the quantized activations cause, which the
+    correction would work against.
 
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
@@ -100,6 +102,8 @@ class QDropConfig:
                 bad(name, "a keep-probability must lie in (0, 1]; 1 means no drop")
         if self.order not in ORDERS:
             bad("order", f"choose one of {ORDERS}")
+        if self.bias_correction not in (None, True, False):
+            bad("bias_correction", "True, False, or None for the model family's default")
         for name in ("init_wmode", "init_amode"):
             if getattr(self, name) not in RANGE_MODES:
                 bad(name, f"choose one of {RANGE_MODES}")

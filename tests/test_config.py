@@ -8,7 +8,8 @@ from qdrop_hf.batches import CalibrationDataError
 @pytest.mark.parametrize("field,value", [("n_bits_w", 1), ("n_bits_w", 9), ("n_bits_a", 1), ("n_bits_a", 9),
                                          ("prob", 0.0), ("input_prob", 0.0), ("prob", 1.5), ("order", "sideways"),
                                          ("iters_w", -1), ("num_samples", 0), ("init_amode", "guess"),
-                                         ("cache_dir", "/nonexistent/qdrop-cache"), ("b_end", 0.5)])
+                                         ("cache_dir", "/nonexistent/qdrop-cache"), ("b_end", 0.5),
+                                         ("bias_correction", True)])
 def test_invalid_configs_are_refused_with_the_field_named(field, value):
     with pytest.raises(QDropConfigError, match=field):
         QDropConfig(**{field: value})

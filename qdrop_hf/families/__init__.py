@@ -33,8 +33,8 @@ class Family:
     families, as the reference code has it (ResNet-20 W2A2 +1.8 over 2.0); 2.0 (MSE) for
     transformers, whose outlier-heavy LayerNorm outputs lose everything at 4 bits under 2.4's wider
     ranges (MiniLM SST-2 W4A4 round-to-nearest: 71.0 with 2.0, 52.2 with 2.4).
-    bias_correction: whether ``QDropConfig.bias_correction=None`` means on (``nn.BiasCorrection``):
-    on for convolutional families, whose folded BatchNorm makes rounding shift channel means.
+    bias_correction: what ``QDropConfig.bias_correction=None`` means (``nn.BiasCorrection``): on
+    for the networks built of depthwise convolutions (MobileNetV2, MNasNet, EfficientNet-Lite).
     """
 
     name: str

@@ -36,7 +36,6 @@ for model_type, prefix, conv_layer in (("resnet", "resnet", "ResNetConvLayer"), 
                                  skip=r"embedder\.embedder$", classes=("RegNetSELayer",)),
         prepare=fold_batchnorm,
         act_range_p=2.4,
-        bias_correction=True,
     ))
 
 register_family(Family(
