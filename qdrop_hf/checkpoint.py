@@ -3,8 +3,8 @@ continues from the last finished unit and ends exactly where an uninterrupted ru
 
 What is saved is all that reconstruction changes: every weight quantizer's scale, zero point and
 hardened codes, every activation quantizer's step, zero point and "initialised" flag, the per-unit
-report, the biases of the quantized layers (bias correction changes them), and torch's global RNG state
-(every other random stream is re-seeded per unit). The float weights never change after preparation,
+report, the layers' bias corrections (``bias_shift``), and torch's global RNG state (every other random
+stream is re-seeded per unit). The float weights never change after preparation,
 so they are not saved. ``meta.json`` is the commit point: the
 state file it names is written first, then ``meta.json`` is replaced atomically.
 """
@@ -36,8 +36,8 @@ def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
             fields = ("scale", "zero_point", "codes")
         elif isinstance(m, ActQuantizer):
             fields = ("scale", "zero_point", "initialized")
-        elif isinstance(m, QuantLayer) and m.bias is not None:
-            fields = ("bias",)
+        elif isinstance(m, QuantLayer) and m.bias_shift is not None:
+            fields = ("bias_shift",)
         else:
             continue
         for field in fields:
@@ -57,8 +57,8 @@ def load_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             m.scale.data = state[f"{name}.scale"].to(m.scale.device)
             m.zero_point.copy_(state[f"{name}.zero_point"])
             m.initialized.copy_(state[f"{name}.initialized"])
-        elif isinstance(m, QuantLayer) and m.bias is not None:
-            m.bias.copy_(state[f"{name}.bias"])
+        elif isinstance(m, QuantLayer) and f"{name}.bias_shift" in state:
+            m.bias_shift = state[f"{name}.bias_shift"].to(m.bias.device)
 
 
 class Checkpoint:

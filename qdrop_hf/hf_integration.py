@@ -37,7 +37,8 @@ def _quantizer_bits(model: nn.Module) -> dict[str, int]:
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors with every hardened layer's float weight and codes replaced by packed codes."""
+    """The model's tensors with every hardened layer's float weight and codes replaced by packed codes,
+    and corrected biases (``nn.BiasCorrection``) in place of the float ones."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
@@ -45,6 +46,8 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state.pop(f"{name}.weight", None)  # absent when the model itself was loaded from packed codes
             del state[f"{name}.weight_quantizer.codes"]
             state[f"{name}.{PACKED}"] = pack_codes(wq.codes, wq.n_bits)
+        if isinstance(layer, QuantLayer) and layer.bias_shift is not None:  # bias correction, in the saved bias
+            state[f"{name}.bias"] = (layer.bias - layer.bias_shift).detach().cpu()
     seen = {}
     for key, value in state.items():  # tied tensors: safetensors wants each storage once
         if value.data_ptr() in seen and value.numel():

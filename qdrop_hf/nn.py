@@ -18,9 +18,11 @@ from .quantizers import ActQuantizer, WeightQuantizer
 class BiasCorrection:
     """Bias correction (Nagel et al., 2019, data-based): quantizing the weights by dW shifts the layer's
     mean output by dW·E[x]. With ``input_mean`` set (the float input's per-feature mean on the
-    calibration data) the layer subtracts that shift from its float bias, through the soft weights
-    while AdaRound learns the rounding; ``fold_bias_correction`` makes it permanent once the rounding
-    is fixed.
+    calibration data) the layer subtracts that shift from its bias, through the soft weights while
+    AdaRound learns the rounding; ``fold_bias_correction`` fixes it as ``bias_shift`` once the
+    rounding is fixed. The float bias itself never changes: with the weight quantizer off the layer
+    is the float layer, which the reconstruction's float targets rely on. Saving writes the corrected
+    bias.
 
     Why: with BatchNorm folded in, a depthwise convolution sums 9 or 25 weights over inputs with a
     large mean, and their rounding errors add up to a per-channel offset that no choice of roundings
@@ -29,18 +31,26 @@ class BiasCorrection:
 
     input_mean: torch.Tensor | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("bias_shift", None, persistent=False)
+
     def mean_shift(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def corrected_bias(self, weight_q: torch.Tensor) -> torch.Tensor | None:
-        if self.input_mean is None or self.bias is None:
+        if self.bias is None or weight_q is self.weight:  # the quantizer is off: the float layer
             return self.bias
-        return self.bias - self.mean_shift(weight_q - self.weight)
+        if self.input_mean is not None:
+            return self.bias - self.mean_shift(weight_q - self.weight)
+        if self.bias_shift is not None:
+            return self.bias - self.bias_shift
+        return self.bias
 
     @torch.no_grad()
     def fold_bias_correction(self) -> None:
         if self.input_mean is not None and self.bias is not None:
-            self.bias.copy_(self.corrected_bias(self.weight_quantizer(self.weight)))
+            self.bias_shift = self.mean_shift(self.weight_quantizer(self.weight) - self.weight)
         self.input_mean = None
 
 

@@ -322,4 +322,6 @@ def test_bias_correction_removes_the_mean_output_shift_and_folds_exactly(kind):
         assert (corrected.mean(dims) - ref).abs().max() < (1e-4 if x.dim() == 2 else 0.1 * shift)
         layer.fold_bias_correction()
         assert layer.input_mean is None and torch.allclose(layer(x), corrected, atol=1e-5)
-        assert torch.equal(fp.weight, layer.weight) and not torch.equal(fp.bias, layer.bias)
+        assert torch.equal(fp.weight, layer.weight) and torch.equal(fp.bias, layer.bias)
+        layer.weight_quantizer.enabled = False  # quantizer off: the float layer, float bias included
+        assert torch.allclose(layer(x), fp(x), atol=1e-5)
