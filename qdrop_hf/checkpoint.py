@@ -3,10 +3,10 @@ continues from the last finished unit and ends exactly where an uninterrupted ru
 
 What is saved is all that reconstruction changes: every weight quantizer's scale, zero point and
 hardened codes, every activation quantizer's step, zero point and "initialised" flag, the per-unit
-report, the layers' bias corrections (``bias_shift``), and torch's global RNG state (every other random
-stream is re-seeded per unit). The float weights never change after preparation,
-so they are not saved. ``meta.json`` is the commit point: the
-state file it names is written first, then ``meta.json`` is replaced atomically.
+report, the layers' bias corrections (``bias_shift``), and torch's global RNG state (every other
+random stream is re-seeded per unit). The float weights and biases never change after preparation,
+so they are not saved. ``meta.json`` is the commit point: the state file it names is written first,
+then ``meta.json`` is replaced atomically.
 """
 from __future__ import annotations
 
