@@ -195,6 +195,8 @@ def observe_input_means(unit: Unit, cache: BlockCache) -> None:
         for h in hooks:
             h.remove()
     for layer in layers:
+        if id(layer) not in sums:  # not called by this unit's forward
+            continue
         total, count = sums[id(layer)]
         count = distributed.sum_over_processes(count)[0]
         layer.input_mean = distributed.sum_tensor(total) / count

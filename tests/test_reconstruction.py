@@ -53,7 +53,7 @@ def test_bias_correction_cuts_the_first_efficientnet_lite0_block_error(shared_da
         config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=0, num_samples=8, batch_size=8, bias_correction=correct)
         model = quantize_model(build_arch("efficientnet_lite0"), [x], config, progress=False)
         errors[correct] = {u["unit"]: u["error"] for u in model.qdrop_report["units"]}
-        assert all(getattr(m, "input_mean", None) is None for m in model.modules())  # folded into the biases
+        assert all(getattr(m, "input_mean", None) is None for m in model.modules())  # fixed as bias_shift
     assert errors[None]["_blocks.0"] < 0.3 * errors[False]["_blocks.0"]
     assert errors[None]["_fc"] < errors[False]["_fc"]
 

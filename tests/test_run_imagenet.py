@@ -125,7 +125,7 @@ def test_kill_9_mid_reconstruction_then_rerun_resumes_and_ends_identical(shared_
                 str(shared_data / "cifar10-resnet/resnet20-12fca82f.th"), "--train_dir", str(shared_data / "cifar10/train-subset"),
                 "--validation_dir", str(val), "--n_bits_w", "2", "--channel_wise", "--n_bits_a", "4", "--act_quant",
                 "--order", "together", "--wwq", "--waq", "--awq", "--aaq", "--num_samples", "64", "--batch_size", "16",
-                "--iters_w", "40", "--skip_fp_eval", "--bias_correction", "true",  # biases change: saved too
+                "--iters_w", "40", "--skip_fp_eval", "--bias_correction", "true",  # its bias shifts are checkpointed too
                 "--output_dir", str(out)]
 
     whole = subprocess.run(args(tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
