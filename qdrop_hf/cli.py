@@ -64,6 +64,9 @@ class QuantArguments:
     bias_correction: bool | None = field(default=None, metadata={
         "help": "subtract the mean output shift that weight rounding causes (dW·E[x]) from each layer's float bias "
                 "(default: on for networks of depthwise convolutions: MobileNetV2, MNasNet, EfficientNet-Lite)"})
+    depthwise_range: str | None = field(default=None, metadata={
+        "help": "depthwise kernels' ranges: weight (the weights' own error, as every other layer) or output (the "
+                "error at the kernel's output on the calibration data; default for networks of depthwise convolutions)"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
     b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
     b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 ORDERS = ("before", "after", "together")
 RANGE_MODES = ("mse", "minmax")
+DEPTHWISE_RANGES = ("weight", "output")
 CACHE_DTYPES = ("float16", "bfloat16")
 
 
@@ -42,6 +43,12 @@ class QDropConfig:
     EfficientNet-Lite), off for the others: where every kernel sums many weights, AdaRound fixes the
     mean shift by its choice of roundings, also the part the quantized activations cause, which the
     correction would work against.
+
+    ``depthwise_range`` chooses how depthwise kernels get their clipping ranges: ``"weight"``, the
+    method's search on the weights' own error (``init_wmode``), or ``"output"``, a search on the error
+    each kernel's rounding causes at its output on the calibration data, both ends of the range
+    clipped separately (``observers.PatchMoments``); not the method's, an addition. ``None``: the
+    family's default, ``"output"`` where ``bias_correction`` is on by default.
 
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
@@ -74,6 +81,7 @@ class QDropConfig:
     lr: float = 4e-5
     round_lr: float | None = None
     bias_correction: bool | None = None
+    depthwise_range: str | None = None
     warmup: float = 0.2
     b_start: float = 20.0
     b_end: float = 2.0
@@ -104,6 +112,8 @@ class QDropConfig:
             bad("order", f"choose one of {ORDERS}")
         if self.bias_correction not in (None, True, False):
             bad("bias_correction", "True, False, or None for the model family's default")
+        if self.depthwise_range not in (None,) + DEPTHWISE_RANGES:
+            bad("depthwise_range", f"choose one of {DEPTHWISE_RANGES}, or None for the model family's default")
         for name in ("init_wmode", "init_amode"):
             if getattr(self, name) not in RANGE_MODES:
                 bad(name, f"choose one of {RANGE_MODES}")

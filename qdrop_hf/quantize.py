@@ -16,6 +16,7 @@ from .cache import BlockCache
 from .checkpoint import Checkpoint
 from .config import QDropConfig
 from .families import Family
+from .observers import PatchMoments
 from .plan import QuantPlan, prepare_model, set_quant_state
 from .quantizers import use_kernels
 from .reconstruct import (ACT_CALIB_SAMPLES, calibrate_unit_acts, capture, follow, observe, observe_input_means,
@@ -53,6 +54,9 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     for layer in plan.layers:
         layer.weight_quantizer.init_range(layer.weight, config.init_wmode)
     act_batches = _first_samples(batches, ACT_CALIB_SAMPLES)
+    correct_bias = plan.family.bias_correction if config.bias_correction is None else config.bias_correction
+    if (config.depthwise_range or plan.family.depthwise_range) == "output" and config.channel_wise:
+        init_depthwise_ranges(model, plan, act_batches, device, centred=correct_bias)
     report = {"units": [], "time_s": {}}
     if config.act_quant:
         # Activations outside every unit (embedding output, pooled features) are set once on the float model.
@@ -68,7 +72,6 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         if done:
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
-    correct_bias = plan.family.bias_correction if config.bias_correction is None else config.bias_correction
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
@@ -137,6 +140,32 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     model.qdrop_plan = plan
     model.qdrop_report = report
     return model
+
+
+@torch.no_grad()
+def init_depthwise_ranges(model: nn.Module, plan: QuantPlan, batches: list, device, centred: bool) -> None:
+    """Depthwise kernels' ranges from their output error (``depthwise_range="output"``), on the float
+    model's inputs to each of them over ``batches``; ``centred`` when bias correction will take the
+    mean part of the error away."""
+    layers = [layer for layer in plan.layers
+              if isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels]
+    if not layers:
+        return
+    moments = {layer: PatchMoments(layer) for layer in layers}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: moments[layer].update(args[0])) for layer in layers]
+    set_quant_state(model, weights=False, acts=False)
+    try:
+        for batch in batches:
+            run_model(model, batch, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, m in moments.items():
+        if m.second is None:  # not run by the model's forward (on any process: they all run the same model)
+            continue
+        m.second, m.first = distributed.sum_tensor(m.second), distributed.sum_tensor(m.first)
+        m.count = distributed.sum_over_processes(m.count)[0]
+        layer.weight_quantizer.init_range_output(layer.weight, m.matrix(centred))
 
 
 def calibrate_model_acts(model: nn.Module, plan: QuantPlan, batches: list, device, progressive: bool, mode: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .native import fake_quant_kernels
-from .observers import ActivationObserver, fake_quantize, search_range
+from .observers import ActivationObserver, fake_quantize, search_range, search_range_output
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
 
@@ -266,6 +266,21 @@ class WeightQuantizer(nn.Module):
         self.scale = scale.reshape(self._shape(w))
         self.zero_point = zp.reshape(self._shape(w))
         self.codes = torch.empty(0, dtype=torch.uint8, device=w.device)
+        self.alpha = None
+
+    @torch.no_grad()
+    def init_range_output(self, weight: torch.Tensor, moments: torch.Tensor) -> None:
+        """Per-channel range from each kernel's output error (``observers.search_range_output``);
+        ``moments``: ``[groups, D, D]`` input-patch moments (``PatchMoments.matrix``), output channels
+        split evenly over the groups as in a grouped convolution."""
+        if not self.channel_wise or self.ch_axis != 0:
+            raise ValueError("the output-error range search needs per-output-channel ranges")
+        rows = weight.detach().float().reshape(weight.shape[0], -1)
+        per_row = moments.repeat_interleave(weight.shape[0] // moments.shape[0], dim=0)
+        scale, zp = search_range_output(rows, per_row, self.n_bits)
+        self.scale = scale.reshape(self._shape(weight))
+        self.zero_point = zp.reshape(self._shape(weight))
+        self.codes = torch.empty(0, dtype=torch.uint8, device=weight.device)
         self.alpha = None
 
     def set_bits(self, n_bits: int) -> None:

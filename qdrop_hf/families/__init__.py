@@ -35,6 +35,7 @@ class Family:
     ranges (MiniLM SST-2 W4A4 round-to-nearest: 71.0 with 2.0, 52.2 with 2.4).
     bias_correction: what ``QDropConfig.bias_correction=None`` means (``nn.BiasCorrection``): on
     for the networks built of depthwise convolutions (MobileNetV2, MNasNet, EfficientNet-Lite).
+    depthwise_range: what ``QDropConfig.depthwise_range=None`` means: ``"output"`` for those networks.
     """
 
     name: str
@@ -48,6 +49,7 @@ class Family:
     prepare: Callable[[nn.Module], None] | None = None
     act_range_p: float = 2.0
     bias_correction: bool = False
+    depthwise_range: str = "weight"
 
 
 def matches(spec: Matcher, name: str, module: nn.Module) -> bool:

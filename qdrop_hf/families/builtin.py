@@ -23,7 +23,8 @@ def _family(name: str, class_name: str, body: str, stem: str, head: str, extra_p
             depthwise: bool = False) -> None:
     register_family(Family(name=name, model_types=(class_name,), body=body, stem=stem, head=head,
                            act_outputs=_relus_and(f"({body})|{extra_points}"), act_inputs=head,
-                           prepare=fold_batchnorm, act_range_p=2.4, bias_correction=depthwise))
+                           prepare=fold_batchnorm, act_range_p=2.4, bias_correction=depthwise,
+                           depthwise_range="output" if depthwise else "weight"))
 
 
 _family("cifar_resnet", "CifarResNet", body=r"^layer\d\.\d+$", stem=r"^conv1$", head=r"^linear$")

@@ -48,4 +48,5 @@ register_family(Family(
     prepare=fold_batchnorm,
     act_range_p=2.4,
     bias_correction=True,
+    depthwise_range="output",
 ))
