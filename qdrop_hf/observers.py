@@ -112,7 +112,8 @@ class PatchMoments:
         for part in x.detach().float().split(max(1, self.max_elements // per_image)):
             u = F.unfold(part, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [n, C*taps, L]
             u = u.view(u.shape[0], groups, -1, u.shape[-1])
-            second = torch.einsum("ngil,ngjl->gij", u, u).double()
+            # batched matmul over (image, group): an order of magnitude faster on CPU than the same einsum
+            second = torch.matmul(u, u.transpose(-1, -2)).sum(0).double()
             first = u.sum((0, 3)).double()
             self.second = second if self.second is None else self.second + second
             self.first = first if self.first is None else self.first + first
