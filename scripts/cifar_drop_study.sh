@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # QDrop against No-Drop on CIFAR-10 ResNet-20 (README, "QDrop against No-Drop"), ITERS iterations per
 # block, 1024 calibration images (the seed picks them, and the drop masks), all 10,000 test images.
-#   seeds:    W2A4 and W2A2 over SEEDS: QDrop (--prob 0.5 --input_prob 0.5), No-Drop (1/1), and QDrop
-#             with the block input kept quantized (0.5/1)
+#   seeds:    W2A4 and W2A2 over SEEDS and DROPS (--prob/--input_prob pairs): QDrop (0.5/0.5), No-Drop
+#             (1/1), and QDrop with the block input kept quantized (0.5/1)
 #   ablation: which drop costs at W2A2: activations inside the block (prob) or the block input (input_prob)
 #   lr:       the activation steps' learning rate
-# Usage: [SEEDS="1 2 3"] [PARTS="seeds ablation lr"] bash scripts/cifar_drop_study.sh [ITERS] [OUT]
+# Usage: [SEEDS="1 2 3"] [DROPS="0.5/0.5 1/1 0.5/1"] [PARTS="seeds ablation lr"] bash scripts/cifar_drop_study.sh [ITERS] [OUT]
 set -euo pipefail
 ITERS=${1:-500}
 OUT=${2:-outputs/s5}
 SEEDS=${SEEDS:-1 2 3}
+DROPS=${DROPS:-0.5/0.5 1/1 0.5/1}
 PARTS=${PARTS:-seeds ablation lr}
 D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
@@ -20,8 +21,8 @@ if [[ " $PARTS " == *" seeds "* ]]; then
   for seed in $SEEDS; do
     for wa in "2 4" "2 2"; do
       set -- $wa
-      for pp in "0.5 0.5" "1 1" "0.5 1"; do
-        read -r p ip <<< "$pp"
+      for pp in $DROPS; do
+        IFS=/ read -r p ip <<< "$pp"
         $PY run_imagenet.py $COMMON --n_bits_w $1 --n_bits_a $2 --lr 4e-5 --seed $seed --prob $p --input_prob $ip \
           --output_dir $OUT/seeds/lr4e-5-w$1a$2-p$p$( [[ $ip != "$p" ]] && echo "-ip$ip" )-s$seed
       done
