@@ -100,14 +100,15 @@ def _fusable(*tensors) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
 
 
-def _native():
-    """The C++ module when the fused kernels are selected and built, else None."""
-    return fake_quant_kernels() if _KERNELS["native"] else None
+def _native(*tensors):
+    """The C++ module when the fused kernels are selected, take ``tensors`` and are built, else None.
+    Checked in that order, so that a run on a GPU never compiles them."""
+    return fake_quant_kernels() if _KERNELS["native"] and _fusable(*tensors) else None
 
 
 def _mask_dtype(*tensors) -> torch.dtype:
     """uint8 where the fused kernels will take the tensors, else their own dtype (for the eager ``lerp``)."""
-    if _native() is not None and _fusable(*tensors):
+    if _native(*tensors) is not None:
         return torch.uint8
     return tensors[0].dtype
 
@@ -115,8 +116,8 @@ def _mask_dtype(*tensors) -> torch.dtype:
 def _fused_forward(x, scale, zero_point, n_bits: int, drop):
     """The one-pass C++ kernel (``native``) for float32 CPU tensors (and a uint8 mask), else the eager
     one. A strided input (attention's heads) is copied contiguous first: still 2 passes against 6."""
-    fused = fake_quant_kernels()
-    if fused is not None and _fusable(x) and (drop is None or drop.dtype == torch.uint8):
+    fused = fake_quant_kernels() if _fusable(x) else None
+    if fused is not None and (drop is None or drop.dtype == torch.uint8):
         return fused.forward(x.contiguous(), float(scale), float(zero_point), 2**n_bits - 1, drop)
     return _eager_forward(x, scale, zero_point, n_bits, None if drop is None else drop.to(x.dtype))
 
@@ -204,23 +205,23 @@ class _RoundingLoss(torch.autograd.Function):
 
 
 def _soft_weight(alpha, base, step):
-    native = _native()
-    if native is not None and _fusable(alpha, base, step):
+    native = _native(alpha, base, step)
+    if native is not None:
         return native.soft_weight_node(alpha, base, step)
     return _SoftWeight.apply(alpha, base, step)
 
 
 def _rounding_loss(alpha, beta: float):
-    native = _native()
-    if native is not None and _fusable(alpha):
+    native = _native(alpha)
+    if native is not None:
         return native.rounding_loss_node(alpha, beta)
     return _RoundingLoss.apply(alpha, beta)
 
 
 def _fake_quant(x, scale, zero_point, n_bits: int, drop):
     """The fake-quant autograd node: the C++ one for float32 CPU activations, else ``_FakeQuant``."""
-    native = _native()
-    if native is not None and _fusable(x, scale) and (drop is None or drop.dtype == torch.uint8):
+    native = _native(x, scale)
+    if native is not None and (drop is None or drop.dtype == torch.uint8):
         return native.fake_quant(x, scale, float(zero_point), 2**n_bits - 1, drop)
     return _FakeQuant.apply(x, scale, zero_point, n_bits, drop)
 
