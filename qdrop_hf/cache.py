@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from .batches import CalibrationDataError
-from .quantizers import DropMasks
+from .quantizers import ActQuantizer, DropMasks
 
 
 class NonFiniteActivationError(CalibrationDataError):
@@ -112,6 +112,9 @@ class BlockCache:
         self.dtype = self.device = None  # the compute precision and device, those of the first stored output
         self.chunk = chunk
         self.spill = SpillFile(spill_dir) if spill_dir is not None else None
+        # QDropConfig.input_drop="unquantized": the stored quantized-model input is the value before the
+        # activation quantizer that feeds the unit, which ``inputs`` applies (and drops element-wise)
+        self.input_quantizer: ActQuantizer | None = None
 
     @classmethod
     def of(cls, records, quant_records=None, **kwargs) -> "BlockCache":
@@ -179,13 +182,16 @@ class BlockCache:
             yield from self.parts(item)
 
     def inputs(self, item, input_masks: DropMasks | None = None):
-        """Block inputs of one restored batch: quantized-model inputs, kept where ``input_masks`` says."""
+        """Block inputs of one restored batch: quantized-model inputs, kept where ``input_masks`` says;
+        a dropped element is the float input's, or with ``input_quantizer`` the unquantized value's."""
         fp_args, q_args, kwargs, target, mask = item
-        if q_args is None:
+        if q_args is None and self.input_quantizer is None:
             return fp_args, kwargs
         args = []
-        for f, q in zip(fp_args, q_args):
-            if q is not None and input_masks is not None:
+        for i, (f, q) in enumerate(zip(fp_args, q_args or (None,) * len(fp_args))):
+            if i == 0 and self.input_quantizer is not None:  # (an unquantized input equal to the float one is not stored)
+                q = self.input_quantizer.quantize(f if q is None else q, input_masks)
+            elif q is not None and input_masks is not None:
                 q = input_masks.mix(q, f)
             args.append(f if q is None else q)
         return tuple(args), kwargs

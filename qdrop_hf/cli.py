@@ -47,6 +47,9 @@ class QuantArguments:
     weight: float = field(default=0.01, metadata={"help": "weight of the AdaRound rounding loss"})
     prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping an activation quantized"})
     input_prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping the block input quantized"})
+    input_drop: str = field(default="float", metadata={
+        "help": "QDrop: a dropped block-input element takes the float model's value (float, the reference "
+                "implementation) or the quantized model's own value before its activation quantizer (unquantized)"})
     num_samples: int = field(default=1024, metadata={"help": "calibration samples"})
     iters_w: int = field(default=20000, metadata={"help": "reconstruction iterations per block (0: round-to-nearest)"})
     batch_size: int = field(default=32, metadata={"help": "reconstruction mini-batch size"})

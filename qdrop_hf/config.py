@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 ORDERS = ("before", "after", "together")
 RANGE_MODES = ("mse", "minmax")
 DEPTHWISE_RANGES = ("weight", "output")
+INPUT_DROPS = ("float", "unquantized")
 CACHE_DTYPES = ("float16", "bfloat16")
 
 
@@ -50,6 +51,15 @@ class QDropConfig:
     clipped separately (``observers.PatchMoments``); not the method's, an addition. ``None``: the
     family's default, ``"output"`` where ``bias_correction`` is on by default.
 
+    ``input_drop`` is what a dropped element of a block's input becomes (QDrop, ``input_prob``):
+    ``"float"``, the float model's value there, as the reference implementation mixes the cached float
+    input in; or ``"unquantized"``, the partly quantized model's own value before the activation
+    quantizer that feeds the block, i.e. that quantizer dropped element-wise as ``prob`` drops those
+    inside the block. The float value also undoes every earlier block's error on dropped elements; the
+    unquantized one undoes only the last quantizer's rounding. Where no activation quantizer
+    directly feeds a block (the first one after the embeddings of a model whose embedding output is
+    not quantized, say), its input is mixed with the float value either way.
+
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
 
@@ -72,6 +82,7 @@ class QDropConfig:
     weight: float = 0.01
     prob: float = 0.5
     input_prob: float = 0.5
+    input_drop: str = "float"
     iters_w: int = 20000
     batch_size: int = 32
     micro_batch_size: int | None = None
@@ -108,6 +119,8 @@ class QDropConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 bad(name, "a keep-probability must lie in (0, 1]; 1 means no drop")
+        if self.input_drop not in INPUT_DROPS:
+            bad("input_drop", f"choose one of {INPUT_DROPS}")
         if self.order not in ORDERS:
             bad("order", f"choose one of {ORDERS}")
         if self.bias_correction not in (None, True, False):

@@ -197,7 +197,7 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
         "learned rounding, stored bit-packed |",
         f"| activations | {acts}, per tensor, learned step |",
         f"| stem/head | {'as the body' if cfg.disable_8bit_head_stem else '8-bit'} |",
-        f"| drop probabilities | prob={cfg.prob}, input_prob={cfg.input_prob} |",
+        f"| drop probabilities | prob={cfg.prob}, input_prob={cfg.input_prob} (dropped input: {cfg.input_drop}) |",
         f"| reconstruction | order={cfg.order}, {cfg.iters_w} iterations/block, batch {cfg.batch_size} |",
         f"| calibration | {calibration or f'{cfg.num_samples} samples'} |",
         f"| folder size | {folder_size(folder) / 1e6:.1f} MB |",

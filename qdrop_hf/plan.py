@@ -54,6 +54,15 @@ def _quantize_input(module, args):
     return (module.qdrop_in(args[0]),) + tuple(args[1:])
 
 
+def _device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where a module's tensors live (its first parameter or buffer, its children's included), or
+    ``default`` for one that holds none (an activation function)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return default if tensor is None else tensor.device
+
+
 def install_quantizers(model: nn.Module, family: Family, config: QDropConfig) -> None:
     """Quantized layers and activation quantizers, with no data needed (also used when reloading)."""
     if family.prepare is not None:
@@ -61,15 +70,16 @@ def install_quantizers(model: nn.Module, family: Family, config: QDropConfig) ->
     keep = [re.compile(p) for p in config.keep_fp_modules]
     replace_layers(model, config.n_bits_w, config.channel_wise, skip=lambda n: any(p.search(n) for p in keep))
     has_attention = False
+    model_device = _device(model, torch.device("cpu"))
     for name, module in list(model.named_modules()):
         if matches(family.act_outputs, name, module):
-            module.qdrop_out = ActQuantizer(config.n_bits_a)
+            module.qdrop_out = ActQuantizer(config.n_bits_a).to(_device(module, model_device))
             module.register_forward_hook(_quantize_output)
         if matches(family.act_inputs, name, module):
-            module.qdrop_in = ActQuantizer(config.n_bits_a)
+            module.qdrop_in = ActQuantizer(config.n_bits_a).to(_device(module, model_device))
             module.register_forward_pre_hook(_quantize_input)
         if matches(family.attention, name, module):
-            module.qdrop_attn = AttentionQuantizers(config.n_bits_a)
+            module.qdrop_attn = AttentionQuantizers(config.n_bits_a).to(_device(module, model_device))
             has_attention = True
     if has_attention:
         register_attention()

@@ -73,6 +73,10 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
             logger.info("resuming after %d finished units from %s", done, checkpoint.dir)
 
     quant_state = (config.wwq, config.waq and config.act_quant) if config.wwq or config.waq else None
+    # input_drop="unquantized": caches hold the value before the quantizer feeding each unit (when the
+    # inputs come from the model with quantized activations and the input is dropped at all)
+    trace_input = (config.input_drop == "unquantized" and config.input_prob < 1.0 and quant_state is not None
+                   and quant_state[1])
     cache_dtype = getattr(torch, config.cache_dtype) if config.cache_dtype else None
     chunk = batch_len(batches[0])  # rows per forward when a cache is run through a unit
     prev = None  # the last unit and its cache, kept when the next unit reads that unit's output
@@ -83,8 +87,10 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
         t_unit = time.perf_counter()
         cache = BlockCache(cache_dtype, chunk, config.cache_dir, unit.name)
         if prev is not None:
-            for record, quant_args in follow(*prev, unit, quant_state):
-                cache.add(record, quant_args)
+            with closing(follow(*prev, unit, quant_state, trace_input)) as records:
+                for record, quant_args, input_quantizer in records:
+                    cache.add(record, quant_args)
+                    cache.input_quantizer = input_quantizer
         else:
             set_quant_state(model, weights=False, acts=False)
             # closing(): an error while storing (NaN, a full disk) removes capture's hooks at once
@@ -93,9 +99,11 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
                     cache.add(record)
             if quant_state is not None:
                 set_quant_state(model, *quant_state)
-                with closing(capture(model, unit.module, batches, device, with_output=False)) as records:
+                with closing(capture(model, unit.module, batches, device, with_output=False,
+                                     trace_input=trace_input)) as records:
                     for j, record in enumerate(records):
                         cache.add_quantized(j, record["args"])
+                        cache.input_quantizer = record.get("input_quantizer")
         prev = None
         cache.merged()
         cache_s = time.perf_counter() - t_unit

@@ -385,6 +385,18 @@ class ActQuantizer(nn.Module):
             return _fake_quant(x, self.scale, self.zero_point, self.n_bits, drop)
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 
+    @property
+    def active(self) -> bool:
+        """Set up and on: its forward quantizes."""
+        return self.enabled and self.observer is None and bool(self.initialized)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor, drop_masks: DropMasks | None = None) -> torch.Tensor:
+        """``x`` fake-quantized with the current (fixed) step, kept as ``x`` where ``drop_masks`` drops:
+        this quantizer dropped from outside its own unit (``BlockCache.input_quantizer``)."""
+        drop = drop_masks(x.shape, _mask_dtype(x)) if drop_masks is not None else None
+        return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
+
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, enabled={self.enabled}"
 

@@ -49,13 +49,45 @@ def _forward_to_stop(model: nn.Module, batch, device) -> None:
         pass
 
 
+class _LastQuantized:
+    """The last call of an activation quantizer under ``root`` (those under ``exclude`` left out),
+    so that a tensor that is its output can be traced back to the unquantized value it came from:
+    how a unit's cache learns which quantizer feeds it (``QDropConfig.input_drop="unquantized"``)."""
+
+    def __init__(self, root: nn.Module, exclude: nn.Module | None = None):
+        own = {id(m) for m in exclude.modules()} if exclude is not None else set()
+        self.last = None
+        self.handles = [q.register_forward_hook(self._seen) for q in root.modules()
+                        if isinstance(q, ActQuantizer) and id(q) not in own]
+
+    def _seen(self, quantizer, args, output):
+        self.last = (quantizer, args[0], output) if quantizer.active else None
+
+    def unquantized(self, x: torch.Tensor) -> tuple[torch.Tensor, ActQuantizer | None]:
+        """(the value before the quantizer that made ``x``, that quantizer), or (``x``, None)."""
+        if self.last is not None and self.last[2] is x:
+            return self.last[1], self.last[0]
+        return x, None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool) -> Iterator[dict]:
+def capture(model: nn.Module, module: nn.Module, batches: list, device, with_output: bool,
+            trace_input: bool = False) -> Iterator[dict]:
     """Run ``model`` on each batch up to ``module``; yield its args/kwargs (and output, and the
-    batch's token mask), one batch at a time, so that a cache can store each before the next."""
+    batch's token mask), one batch at a time, so that a cache can store each before the next. With
+    ``trace_input``, a first arg that an activation quantizer made is recorded unquantized, with the
+    quantizer as ``record["input_quantizer"]``."""
     record: dict = {}
+    last = _LastQuantized(model, exclude=module) if trace_input else None
 
     def pre(m, args, kwargs):
+        if last is not None and args and isinstance(args[0], torch.Tensor):
+            first, record["input_quantizer"] = last.unquantized(args[0])
+            args = (first,) + tuple(args[1:])
         record["args"], record["kwargs"] = _detach(args, device), _detach(kwargs, device)
         if not with_output:
             raise _Stop
@@ -78,6 +110,8 @@ def capture(model: nn.Module, module: nn.Module, batches: list, device, with_out
     finally:
         for h in handles:
             h.remove()
+        if last is not None:
+            last.close()
 
 
 @torch.no_grad()
@@ -95,8 +129,8 @@ def run_until(model: nn.Module, module: nn.Module, batches: list, device) -> Non
 
 
 @torch.no_grad()
-def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bool, bool] | None
-           ) -> Iterator[tuple[dict, tuple | None]]:
+def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bool, bool] | None,
+           trace_input: bool = False) -> Iterator[tuple[dict, tuple | None, ActQuantizer | None]]:
     """What ``capture`` would give for ``unit``, which ``follows_previous`` (reads ``prev``'s output):
     for each cached batch, the float record and the quantized-model args, one batch at a time.
 
@@ -104,25 +138,36 @@ def follow(prev: Unit, prev_cache: BlockCache, unit: Unit, quant_state: tuple[bo
     on-disk copy is not made again); quantized-model inputs are ``prev`` run alone (in
     ``quant_state``, the (weights, acts) a quantized capture uses) on its own quantized inputs; float
     outputs are ``unit`` run in float on its float inputs; ``prev_cache.chunk`` rows at a time.
+    With ``trace_input``, where ``prev``'s output comes out of an activation quantizer, the quantized
+    inputs are the values before it, and that quantizer is yielded third (as ``capture`` does).
     Empties ``prev_cache``, dropping each of its batches once it has been followed.
     """
     items, prev_cache.items = prev_cache.items, []
     if quant_state is not None:
         set_quant_state(prev.module, *quant_state)
     set_quant_state(unit.module, weights=False, acts=False)
-    for i, item in enumerate(items):
-        items[i] = None
-        quant_out, outputs = [], []
-        for part in prev_cache.parts(item):
-            fp_args, _, kwargs, target, _ = part
-            if quant_state is not None:
-                q_args, q_kwargs = prev_cache.inputs(part)
-                quant_out.append(first_output(prev.module(*q_args, **q_kwargs)).detach())
-            outputs.append(first_output(unit.module(target, *fp_args[1:], **kwargs)).detach())
-        fp_args, _, kwargs, target, mask = item
-        del item
-        quant = None if quant_state is None else (_cat(quant_out),) + tuple(fp_args[1:])
-        yield {"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "output": _cat(outputs), "mask": mask}, quant
+    last = _LastQuantized(prev.module) if trace_input and quant_state is not None else None
+    try:
+        for i, item in enumerate(items):
+            items[i] = None
+            quant_out, outputs, quantizer = [], [], None
+            for part in prev_cache.parts(item):
+                fp_args, _, kwargs, target, _ = part
+                if quant_state is not None:
+                    q_args, q_kwargs = prev_cache.inputs(part)
+                    out = first_output(prev.module(*q_args, **q_kwargs))
+                    if last is not None:
+                        out, quantizer = last.unquantized(out)
+                    quant_out.append(out.detach())
+                outputs.append(first_output(unit.module(target, *fp_args[1:], **kwargs)).detach())
+            fp_args, _, kwargs, target, mask = item
+            del item
+            quant = None if quant_state is None else (_cat(quant_out),) + tuple(fp_args[1:])
+            record = {"args": (target,) + tuple(fp_args[1:]), "kwargs": kwargs, "output": _cat(outputs), "mask": mask}
+            yield record, quant, quantizer
+    finally:
+        if last is not None:
+            last.close()
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

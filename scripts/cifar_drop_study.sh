@@ -5,7 +5,8 @@
 #             (1/1), and QDrop with the block input kept quantized (0.5/1)
 #   ablation: which drop costs at W2A2: activations inside the block (prob) or the block input (input_prob)
 #   lr:       the activation steps' learning rate
-# Usage: [SEEDS="1 2 3"] [DROPS="0.5/0.5 1/1 0.5/1"] [PARTS="seeds ablation lr"] bash scripts/cifar_drop_study.sh [ITERS] [OUT]
+#   EXTRA:    flags added to every run, e.g. EXTRA="--input_drop unquantized"
+# Usage: [SEEDS="1 2 3"] [DROPS="0.5/0.5 1/1 0.5/1"] [PARTS="seeds ablation lr"] [EXTRA=...] bash scripts/cifar_drop_study.sh [ITERS] [OUT]
 set -euo pipefail
 ITERS=${1:-500}
 OUT=${2:-outputs/s5}
@@ -16,7 +17,7 @@ D=${SHARED:-../shared/data}
 PY=${PY:-.venv/bin/python}
 COMMON="--arch resnet20 --weights $D/cifar10-resnet/resnet20-12fca82f.th --train_dir $D/cifar10/train-subset
   --validation_dir $D/cifar10/test --channel_wise --act_quant --order together --wwq --waq --awq --aaq
-  --weight 0.01 --num_samples 1024 --overwrite_output_dir --skip_fp_eval --iters_w $ITERS"
+  --weight 0.01 --num_samples 1024 --overwrite_output_dir --skip_fp_eval --iters_w $ITERS ${EXTRA:-}"
 if [[ " $PARTS " == *" seeds "* ]]; then
   for seed in $SEEDS; do
     for wa in "2 4" "2 2"; do

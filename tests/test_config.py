@@ -10,7 +10,7 @@ from qdrop_hf.batches import CalibrationDataError
                                          ("iters_w", -1), ("num_samples", 0), ("init_amode", "guess"),
                                          ("cache_dir", "/nonexistent/qdrop-cache"), ("b_end", 0.5),
                                          ("bias_correction", "all"),
-                                         ("depthwise_range", "mse")])
+                                         ("depthwise_range", "mse"), ("input_drop", "fp")])
 def test_invalid_configs_are_refused_with_the_field_named(field, value):
     with pytest.raises(QDropConfigError, match=field):
         QDropConfig(**{field: value})

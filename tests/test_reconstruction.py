@@ -257,11 +257,14 @@ def _assert_same_cache(got, ref, where=""):
         assert got == ref, where
 
 
+@pytest.mark.parametrize("input_drop", ["float", "unquantized"])
 @pytest.mark.parametrize("which", ["resnet20", "minilm"])
-def test_chained_units_get_the_cache_a_full_capture_would_give(which, monkeypatch):
+def test_chained_units_get_the_cache_a_full_capture_would_give(which, input_drop, monkeypatch):
     """A unit that reads the previous unit's output takes its float inputs, quantized-model inputs and
     float outputs from that unit's cache (``follow``) instead of re-running the model's prefix: checked
-    against a real capture at every chained unit, after the earlier units were reconstructed."""
+    against a real capture at every chained unit, after the earlier units were reconstructed. With
+    ``input_drop="unquantized"`` both find the same quantizer feeding the unit (the previous block's
+    output quantizer) and store the value before it."""
     from qdrop_hf import quantize as quantize_module
     from qdrop_hf.archs import build_arch
     from qdrop_hf.plan import set_quant_state
@@ -273,24 +276,54 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, monkeypatc
     else:
         model, batches = build_arch("resnet20"), image_batches(n_batches=3, batch=8)
         expected = [f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1, 2) if (s, b) != (1, 0)]
-    config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, batch_size=8, num_samples=24 if which == "resnet20" else 64)
+    config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, batch_size=8, num_samples=24 if which == "resnet20" else 64,
+                         input_drop=input_drop)
     checked = []
 
-    def checked_follow(prev, prev_cache, unit, quant_state):
+    def checked_follow(prev, prev_cache, unit, quant_state, trace_input):
+        assert trace_input == (input_drop == "unquantized")
         set_quant_state(model, weights=False, acts=False)
         fp_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=True))
         set_quant_state(model, *quant_state)
-        q_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=False))
-        followed = list(follow(prev, prev_cache, unit, quant_state))
-        got = BlockCache.of([fp for fp, _ in followed], [{"args": q} for _, q in followed]).merged()
+        q_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=False, trace_input=trace_input))
+        followed = list(follow(prev, prev_cache, unit, quant_state, trace_input))
+        got = BlockCache.of([fp for fp, _, _ in followed], [{"args": q} for _, q, _ in followed]).merged()
         ref = BlockCache.of(fp_ref, q_ref).merged()
         _assert_same_cache(got.items, ref.items, unit.name)
+        feeding = {id(q) for _, _, q in followed} | {id(r.get("input_quantizer")) for r in q_ref}
+        assert feeding == {id(getattr(prev.module, "qdrop_out", None) if trace_input else None)}, unit.name
         checked.append(unit.name)
-        return iter(followed)
+        return (record for record in followed)  # a generator, as follow() is
 
     monkeypatch.setattr(quantize_module, "follow", checked_follow)
     quantize_model(model, batches, config, progress=False)
     assert checked == expected
+
+
+def test_unquantized_input_drop_keeps_each_element_quantized_or_as_it_came():
+    """``input_drop="unquantized"``: a cache holding the value before the quantizer that feeds its unit
+    gives that quantizer's output when nothing drops, and with drop masks each element exactly either
+    its quantized value or its own unquantized one (never the float model's), about half each at 0.5."""
+    from qdrop_hf.quantizers import DropMasks
+
+    q = ActQuantizer(4)
+    q.scale.data = torch.tensor(0.1)
+    q.zero_point.fill_(3)
+    q.initialized.fill_(True)
+    q.enabled = True
+    g = torch.Generator().manual_seed(0)
+    fp = torch.randn(64, 8, generator=g)
+    unquantized = fp + 0.3 * torch.randn(64, 8, generator=g)  # the quantized model's value, before q
+    cache = BlockCache.of([{"args": (fp,), "kwargs": {}, "output": torch.zeros(64, 2), "mask": None}],
+                          [{"args": (unquantized,)}])
+    cache.input_quantizer = q
+    item = cache.restored(cache.items[0])
+    (full,), _ = cache.inputs(item)
+    torch.testing.assert_close(full, (torch.clamp(torch.round(unquantized / 0.1) + 3, 0, 15) - 3) * 0.1)
+    (mixed,), _ = cache.inputs(item, DropMasks(0.5, torch.Generator().manual_seed(1)))
+    kept, dropped = mixed == full, mixed == unquantized
+    assert (kept | dropped).all() and not (mixed == fp).any()
+    assert 0.4 < kept[full != unquantized].float().mean() < 0.6
 
 
 def test_half_precision_cache_halves_the_cache_and_keeps_the_result():
