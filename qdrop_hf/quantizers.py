@@ -116,7 +116,7 @@ def _mask_dtype(*tensors) -> torch.dtype:
 def _fused_forward(x, scale, zero_point, n_bits: int, drop):
     """The one-pass C++ kernel (``native``) for float32 CPU tensors (and a uint8 mask), else the eager
     one. A strided input (attention's heads) is copied contiguous first: still 2 passes against 6."""
-    fused = fake_quant_kernels() if _fusable(x) else None
+    fused = _native(x)
     if fused is not None and (drop is None or drop.dtype == torch.uint8):
         return fused.forward(x.contiguous(), float(scale), float(zero_point), 2**n_bits - 1, drop)
     return _eager_forward(x, scale, zero_point, n_bits, None if drop is None else drop.to(x.dtype))
@@ -378,7 +378,7 @@ class ActQuantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x)
             return x
-        if not self.enabled or not bool(self.initialized):
+        if not self.active:
             return x
         drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
