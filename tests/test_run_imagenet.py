@@ -91,6 +91,16 @@ def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tm
     assert results["calibration_images"] == 4 and results["eval_images"] == 6
     assert 0 <= results["quant"]["top1"] <= results["quant"]["top5"] <= 100
 
+    # scripts/heldout_errors.py rebuilds the same split from results.json: its held-out top-1 is the run's own
+    report = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = [line.split() for line in report.stdout.splitlines()]
+    blocks = [row for row in rows if row[0].startswith("_blocks.")]
+    assert len(blocks) == 16 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in blocks)
+    held_out = next(row for row in rows if row[:4] == ["top-1", "on", "the", "held-out"])
+    assert float(held_out[6].rstrip(",")) == pytest.approx(results["quant"]["top1"], abs=0.01)
+
 
 def test_hugging_face_image_classifier_by_model_name_or_path(shared_data, tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
