@@ -64,7 +64,10 @@ def main():
     parser.add_argument("output_dir", help="a run_imagenet.py output folder (results.json and the quantized model)")
     parser.add_argument("--max_images", type=int, default=10 ** 9, help="at most this many images of each set")
     args = parser.parse_args()
-    config = json.loads((Path(args.output_dir) / "results.json").read_text())["config"]
+    results = Path(args.output_dir) / "results.json"
+    if not results.is_file():
+        parser.error(f"{results} not found: give a finished run_imagenet.py output folder")
+    config = json.loads(results.read_text())["config"]
     torch.set_grad_enabled(False)
     quantized = load_quantized(args.output_dir).eval()
     fp, preprocess, _ = run_imagenet.load_model(fields(run_imagenet.ModelArguments, config))

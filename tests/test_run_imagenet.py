@@ -95,7 +95,7 @@ def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tm
     report = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
-    rows = [line.split() for line in report.stdout.splitlines()]
+    rows = [line.split() for line in report.stdout.splitlines() if line.strip()]
     blocks = [row for row in rows if row[0].startswith("_blocks.")]
     assert len(blocks) == 16 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in blocks)
     held_out = next(row for row in rows if row[:4] == ["top-1", "on", "the", "held-out"])
