@@ -183,6 +183,14 @@ def load_data(data: DataArguments, num_samples: int, rng) -> tuple[Images, Image
     return train, val
 
 
+def calibration_split(data: DataArguments, num_samples: int, seed: int) -> tuple[Images, Images]:
+    """(the ``num_samples`` calibration images, the evaluation images), drawn from ``seed``: the one
+    place the split is made, so that a finished run's split can be rebuilt from its arguments."""
+    rng = np.random.default_rng(seed)
+    train, val = load_data(data, num_samples, rng)
+    return train.subset(sorted(rng.choice(len(train.labels), num_samples, replace=False))), val
+
+
 @torch.no_grad()
 def evaluate(model, images: Images, preprocess, batch_size, device, desc) -> dict[str, float]:
     model.eval().to(device)
@@ -206,9 +214,7 @@ def main():
     config = quant_args.to_config()
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     model, preprocess, processor = load_model(model_args)
-    rng = np.random.default_rng(quant_args.seed)
-    train, val = load_data(data_args, quant_args.num_samples, rng)
-    calib = train.subset(sorted(rng.choice(len(train.labels), quant_args.num_samples, replace=False)))
+    calib, val = calibration_split(data_args, quant_args.num_samples, quant_args.seed)
     images = preprocess([calib.load(i) for i in range(quant_args.num_samples)])
     calibration = list(images.split(quant_args.batch_size))
 
@@ -219,7 +225,7 @@ def main():
     def evaluate_on_val(model, desc):
         return evaluate(model, val, preprocess, data_args.eval_batch_size, device, desc)
 
-    note = f"{quant_args.num_samples} random images of {train.source}"
+    note = f"{quant_args.num_samples} random images of {calib.source}"
     quantize_evaluate_save(out, results, model, calibration, config, evaluate_on_val, run_args, processor, note)
 
 

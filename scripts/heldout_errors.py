@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,26 +35,26 @@ def compare(quantized, fp, names, images, preprocess, limit, batch_size=64):
     n = min(limit, len(images.labels))
     sums = {name: [0.0, 0.0] for name in names + ["logits"]}
     correct = [0, 0]
-    for start in range(0, n, batch_size):
-        idx = range(start, min(start + batch_size, n))
-        x = preprocess([images.load(i) for i in idx])
-        y = torch.tensor([images.labels[i] for i in idx])
-        outs = []
-        for k, model in enumerate((quantized, fp)):
-            seen = {}
-            modules = dict(model.named_modules())
-            hooks = [modules[name].register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o))
-                     for name in names]
-            out = model(x)
-            for h in hooks:
-                h.remove()
-            seen["logits"] = getattr(out, "logits", out)
-            correct[k] += (seen["logits"].argmax(-1) == y).sum().item()
-            outs.append(seen)
-        for name, s in sums.items():
-            q, f = first_output(outs[0][name]), first_output(outs[1][name])
-            s[0] += (q - f).pow(2).sum().item()
-            s[1] += f.pow(2).sum().item()
+    outs = ({}, {})  # module name -> the last batch's output, of each model
+    hooks = [dict(model.named_modules())[name].register_forward_hook(
+                 lambda m, a, o, seen=seen, name=name: seen.__setitem__(name, o))
+             for model, seen in zip((quantized, fp), outs) for name in names]
+    try:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            x = preprocess([images.load(i) for i in idx])
+            y = torch.tensor([images.labels[i] for i in idx])
+            for k, (model, seen) in enumerate(zip((quantized, fp), outs)):
+                out = model(x)
+                seen["logits"] = getattr(out, "logits", out)
+                correct[k] += (seen["logits"].argmax(-1) == y).sum().item()
+            for name, s in sums.items():
+                q, f = first_output(outs[0][name]), first_output(outs[1][name])
+                s[0] += (q - f).pow(2).sum().item()
+                s[1] += f.pow(2).sum().item()
+    finally:
+        for h in hooks:
+            h.remove()
     return {name: e / max(norm, 1e-30) for name, (e, norm) in sums.items()}, [100.0 * c / n for c in correct]
 
 
@@ -72,10 +71,8 @@ def main():
     quantized = load_quantized(args.output_dir).eval()
     fp, preprocess, _ = run_imagenet.load_model(fields(run_imagenet.ModelArguments, config))
     fp.eval()
-    # the same draws, in the same order, as run_imagenet.main
-    rng = np.random.default_rng(config["seed"])
-    train, val = run_imagenet.load_data(fields(run_imagenet.DataArguments, config), config["num_samples"], rng)
-    calib = train.subset(sorted(rng.choice(len(train.labels), config["num_samples"], replace=False)))
+    calib, val = run_imagenet.calibration_split(fields(run_imagenet.DataArguments, config), config["num_samples"],
+                                                config["seed"])
     family = find_family(quantized)
     names = [name for name, module in quantized.named_modules() if matches(family.body, name, module)]
     errors, accuracy = {}, {}
