@@ -380,10 +380,10 @@ class ActQuantizer(nn.Module):
             return x
         if not self.active:
             return x
-        drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
             return _fake_quant(x, self.scale, self.zero_point, self.n_bits, drop)
-        return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
+        return self.quantize(x, self.drop_masks)  # nothing to differentiate
 
     @property
     def active(self) -> bool:
@@ -393,7 +393,8 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def quantize(self, x: torch.Tensor, drop_masks: DropMasks | None = None) -> torch.Tensor:
         """``x`` fake-quantized with the current (fixed) step, kept as ``x`` where ``drop_masks`` drops:
-        this quantizer dropped from outside its own unit (``BlockCache.input_quantizer``)."""
+        the forward with no gradient, also used to drop this quantizer from outside its own unit
+        (``BlockCache.input_quantizer``)."""
         drop = drop_masks(x.shape, _mask_dtype(x)) if drop_masks is not None else None
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 
