@@ -7,15 +7,23 @@ block (and the logits) it prints the relative error ||quantized - float||^2 / ||
 each image set, then top-1 of both models on both sets. A block whose calibration error falls while its
 held-out error does not has fitted the calibration images, not the task.
 
-    python scripts/heldout_errors.py outputs/lite0-w2a4 [--max_images 744]
+``--perturb_steps REL [REL ...]`` also measures how sharp the quantized model sits on its activation steps
+(QDrop's argument is flatness): the mean KL(float || quantized) of the logits on each image set, at the
+learned steps and with every activation step scaled by 1 + REL or 1 - REL (random signs, ``--draws``
+draws each). A fit that holds only at the exact learned steps shows as a calibration KL that jumps
+while the held-out one does not move.
+
+    python scripts/heldout_errors.py outputs/lite0-w2a4 [--max_images 744] [--perturb_steps 1e-3 [--draws 4]]
 """
 import argparse
 import dataclasses
 import json
+import random
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,16 +31,29 @@ import run_imagenet  # noqa: E402
 from qdrop_hf.families import find_family, matches  # noqa: E402
 from qdrop_hf.hf_integration import load_quantized  # noqa: E402
 from qdrop_hf.plan import first_output  # noqa: E402
+from qdrop_hf.quantizers import ActQuantizer  # noqa: E402
 
 
 def fields(cls, config: dict):
     return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
 
 
+def sample(images, n: int):
+    """At most ``n`` of ``images``: all of them, or a seeded random choice kept in their order."""
+    if len(images.labels) <= n:
+        return images
+    return images.subset(sorted(random.Random(0).sample(range(len(images.labels)), n)))
+
+
+def logits_of(output):
+    """An image classifier's logits: a Hugging Face output's ``logits``, a built-in network's output itself."""
+    return getattr(output, "logits", output)
+
+
 @torch.no_grad()
-def compare(quantized, fp, names, images, preprocess, limit, batch_size=64):
+def compare(quantized, fp, names, images, preprocess, batch_size=64):
     """Relative error per named module output and at the logits, and top-1 of (quantized, float)."""
-    n = min(limit, len(images.labels))
+    n = len(images.labels)
     sums = {name: [0.0, 0.0] for name in names + ["logits"]}
     correct = [0, 0]
     outs = ({}, {})  # module name -> the last batch's output, of each model
@@ -46,7 +67,7 @@ def compare(quantized, fp, names, images, preprocess, limit, batch_size=64):
             y = torch.tensor([images.labels[i] for i in idx])
             for k, (model, seen) in enumerate(zip((quantized, fp), outs)):
                 out = model(x)
-                seen["logits"] = getattr(out, "logits", out)
+                seen["logits"] = logits_of(out)
                 correct[k] += (seen["logits"].argmax(-1) == y).sum().item()
             for name, s in sums.items():
                 q, f = first_output(outs[0][name]), first_output(outs[1][name])
@@ -58,11 +79,56 @@ def compare(quantized, fp, names, images, preprocess, limit, batch_size=64):
     return {name: e / max(norm, 1e-30) for name, (e, norm) in sums.items()}, [100.0 * c / n for c in correct]
 
 
+@torch.no_grad()
+def step_sensitivity(quantized, fp, image_sets, preprocess, rels, draws, batch_size=64):
+    """{rel: {set label: mean KL(float || quantized)}}, rel ``None`` for the learned steps; each of
+    ``rels`` averaged over ``draws`` draws of every active activation step scaled by 1 ± rel (random signs)."""
+    batches = {}  # label -> [(images, float logits)], loaded once for every draw
+    for label, images in image_sets.items():
+        n = len(images.labels)
+        xs = [preprocess([images.load(i) for i in range(start, min(start + batch_size, n))])
+              for start in range(0, n, batch_size)]
+        batches[label] = [(x, logits_of(fp(x))) for x in xs]
+
+    def kl(label):
+        total = count = 0
+        for x, target in batches[label]:
+            logits = logits_of(quantized(x))
+            total += F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
+                              reduction="sum").item()
+            count += len(x)
+        return total / count
+
+    steps = [(m, m.scale.data.clone()) for m in quantized.modules() if isinstance(m, ActQuantizer) and m.active]
+    generator = torch.Generator().manual_seed(0)
+    result = {None: {label: kl(label) for label in batches}}
+    try:
+        for rel in rels:
+            sums = dict.fromkeys(batches, 0.0)
+            for _ in range(draws):
+                signs = torch.randint(0, 2, (len(steps),), generator=generator) * 2 - 1
+                for (m, learned), sign in zip(steps, signs.tolist()):
+                    m.scale.data = learned * (1 + rel * sign)
+                for label in batches:
+                    sums[label] += kl(label) / draws
+            result[rel] = sums
+    finally:
+        for m, learned in steps:
+            m.scale.data = learned
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="a run_imagenet.py output folder (results.json and the quantized model)")
-    parser.add_argument("--max_images", type=int, default=10 ** 9, help="at most this many images of each set")
+    parser.add_argument("--max_images", type=int, default=10 ** 9,
+                        help="at most this many images of each set, a seeded random choice (class folders are sorted)")
+    parser.add_argument("--perturb_steps", type=float, nargs="+", default=[], metavar="REL",
+                        help="also the logits' KL to float with every activation step scaled by 1 ± REL")
+    parser.add_argument("--draws", type=int, default=4, help="random-sign draws per REL")
     args = parser.parse_args()
+    if args.draws < 1 or any(not 0 <= rel < 1 for rel in args.perturb_steps):
+        parser.error("--draws must be at least 1 and each --perturb_steps REL in [0, 1)")
     results = Path(args.output_dir) / "results.json"
     if not results.is_file():
         parser.error(f"{results} not found: give a finished run_imagenet.py output folder")
@@ -73,17 +139,25 @@ def main():
     fp.eval()
     calib, val = run_imagenet.calibration_split(fields(run_imagenet.DataArguments, config), config["num_samples"],
                                                 config["seed"])
+    calib, val = (sample(images, args.max_images) for images in (calib, val))
     family = find_family(quantized)
     names = [name for name, module in quantized.named_modules() if matches(family.body, name, module)]
     errors, accuracy = {}, {}
     for label, images in (("calibration", calib), ("held-out", val)):
-        errors[label], accuracy[label] = compare(quantized, fp, names, images, preprocess, args.max_images)
+        errors[label], accuracy[label] = compare(quantized, fp, names, images, preprocess)
     print(f"{'block':24s} {'calibration':>12s} {'held-out':>10s} {'ratio':>7s}")
     for name in names + ["logits"]:
         c, h = errors["calibration"][name], errors["held-out"][name]
         print(f"{name:24s} {c:12.4f} {h:10.4f} {h / max(c, 1e-30):7.2f}")
     for label, (q, f) in accuracy.items():
         print(f"top-1 on the {label} images: quantized {q:.2f}, float {f:.2f}")
+    if args.perturb_steps:
+        kl = step_sensitivity(quantized, fp, {"calibration": calib, "held-out": val}, preprocess, args.perturb_steps,
+                              args.draws)
+        print(f"{'KL to float at steps':24s} {'calibration':>12s} {'held-out':>10s}")
+        for rel, values in kl.items():
+            label = "learned" if rel is None else f"x (1 ± {rel:g})"
+            print(f"{label:24s} {values['calibration']:12.4g} {values['held-out']:10.4g}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """run_imagenet.py end to end on the real CIFAR ResNet-20 weights and CIFAR-10 images, tiny budget."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -92,14 +93,19 @@ def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tm
     assert 0 <= results["quant"]["top1"] <= results["quant"]["top5"] <= 100
 
     # scripts/heldout_errors.py rebuilds the same split from results.json: its held-out top-1 is the run's own
-    report = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    report = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(out), "--perturb_steps", "0",
+                             "0.5", "--draws", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
     rows = [line.split() for line in report.stdout.splitlines() if line.strip()]
     blocks = [row for row in rows if row[0].startswith("_blocks.")]
     assert len(blocks) == 16 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in blocks)
     held_out = next(row for row in rows if row[:4] == ["top-1", "on", "the", "held-out"])
     assert float(held_out[6].rstrip(",")) == pytest.approx(results["quant"]["top1"], abs=0.01)
+    # the KL to float at the learned steps, unchanged by a zero perturbation, and raised by scaling the steps by 1 ± 0.5
+    kl = {m[1]: (float(m[2]), float(m[3])) for line in report.stdout.splitlines()
+          if (m := re.fullmatch(r"(learned|x \(1 ± [\d.]+\))\s+(\S+)\s+(\S+)", line.strip()))}
+    assert kl["learned"] == kl["x (1 ± 0)"] and min(kl["learned"]) > 0
+    assert all(perturbed > learned for perturbed, learned in zip(kl["x (1 ± 0.5)"], kl["learned"]))
 
 
 def test_hugging_face_image_classifier_by_model_name_or_path(shared_data, tmp_path):
