@@ -50,25 +50,37 @@ def logits_of(output):
     return getattr(output, "logits", output)
 
 
-@torch.no_grad()
-def compare(quantized, fp, names, images, preprocess, batch_size=64):
-    """Relative error per named module output and at the logits, and top-1 of (quantized, float)."""
+def batches(images, preprocess, batch_size=64):
+    """(preprocessed images, labels) of ``images``, in order, ``batch_size`` at a time."""
     n = len(images.labels)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        yield preprocess([images.load(i) for i in idx]), torch.tensor([images.labels[i] for i in idx])
+
+
+def kl_sum(logits, target) -> float:
+    """KL(float || quantized) of the logits, summed over the batch."""
+    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
+                    reduction="sum").item()
+
+
+@torch.no_grad()
+def compare(quantized, fp, names, images, preprocess):
+    """Relative error per named module output and at the logits, top-1 of (quantized, float), and the
+    logits' mean KL(float || quantized)."""
     sums = {name: [0.0, 0.0] for name in names + ["logits"]}
     correct = [0, 0]
+    kl = 0.0
     outs = ({}, {})  # module name -> the last batch's output, of each model
     hooks = [dict(model.named_modules())[name].register_forward_hook(
                  lambda m, a, o, seen=seen, name=name: seen.__setitem__(name, o))
              for model, seen in zip((quantized, fp), outs) for name in names]
     try:
-        for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
-            x = preprocess([images.load(i) for i in idx])
-            y = torch.tensor([images.labels[i] for i in idx])
+        for x, y in batches(images, preprocess):
             for k, (model, seen) in enumerate(zip((quantized, fp), outs)):
-                out = model(x)
-                seen["logits"] = logits_of(out)
+                seen["logits"] = logits_of(model(x))
                 correct[k] += (seen["logits"].argmax(-1) == y).sum().item()
+            kl += kl_sum(outs[0]["logits"], outs[1]["logits"])
             for name, s in sums.items():
                 q, f = first_output(outs[0][name]), first_output(outs[1][name])
                 s[0] += (q - f).pow(2).sum().item()
@@ -76,40 +88,32 @@ def compare(quantized, fp, names, images, preprocess, batch_size=64):
     finally:
         for h in hooks:
             h.remove()
-    return {name: e / max(norm, 1e-30) for name, (e, norm) in sums.items()}, [100.0 * c / n for c in correct]
+    n = len(images.labels)
+    return ({name: e / max(norm, 1e-30) for name, (e, norm) in sums.items()}, [100.0 * c / n for c in correct],
+            kl / n)
 
 
 @torch.no_grad()
-def step_sensitivity(quantized, fp, image_sets, preprocess, rels, draws, batch_size=64):
-    """{rel: {set label: mean KL(float || quantized)}}, rel ``None`` for the learned steps; each of
-    ``rels`` averaged over ``draws`` draws of every active activation step scaled by 1 ± rel (random signs)."""
-    batches = {}  # label -> [(images, float logits)], loaded once for every draw
-    for label, images in image_sets.items():
-        n = len(images.labels)
-        xs = [preprocess([images.load(i) for i in range(start, min(start + batch_size, n))])
-              for start in range(0, n, batch_size)]
-        batches[label] = [(x, logits_of(fp(x))) for x in xs]
+def step_sensitivity(quantized, fp, image_sets, preprocess, rels, draws):
+    """{rel: {set label: mean KL(float || quantized)}}, each of ``rels`` averaged over ``draws`` draws
+    of every active activation step scaled by 1 ± rel (random signs)."""
+    cached = {label: [(x, logits_of(fp(x))) for x, _ in batches(images, preprocess)]  # loaded once for every draw
+              for label, images in image_sets.items()}
 
     def kl(label):
-        total = count = 0
-        for x, target in batches[label]:
-            logits = logits_of(quantized(x))
-            total += F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
-                              reduction="sum").item()
-            count += len(x)
-        return total / count
+        return sum(kl_sum(logits_of(quantized(x)), target) for x, target in cached[label]) / len(image_sets[label].labels)
 
     steps = [(m, m.scale.data.clone()) for m in quantized.modules() if isinstance(m, ActQuantizer) and m.active]
     generator = torch.Generator().manual_seed(0)
-    result = {None: {label: kl(label) for label in batches}}
+    result = {}
     try:
         for rel in rels:
-            sums = dict.fromkeys(batches, 0.0)
+            sums = dict.fromkeys(cached, 0.0)
             for _ in range(draws):
                 signs = torch.randint(0, 2, (len(steps),), generator=generator) * 2 - 1
                 for (m, learned), sign in zip(steps, signs.tolist()):
                     m.scale.data = learned * (1 + rel * sign)
-                for label in batches:
+                for label in cached:
                     sums[label] += kl(label) / draws
             result[rel] = sums
     finally:
@@ -142,9 +146,9 @@ def main():
     calib, val = (sample(images, args.max_images) for images in (calib, val))
     family = find_family(quantized)
     names = [name for name, module in quantized.named_modules() if matches(family.body, name, module)]
-    errors, accuracy = {}, {}
+    errors, accuracy, kl = {}, {}, {}
     for label, images in (("calibration", calib), ("held-out", val)):
-        errors[label], accuracy[label] = compare(quantized, fp, names, images, preprocess)
+        errors[label], accuracy[label], kl[label] = compare(quantized, fp, names, images, preprocess)
     print(f"{'block':24s} {'calibration':>12s} {'held-out':>10s} {'ratio':>7s}")
     for name in names + ["logits"]:
         c, h = errors["calibration"][name], errors["held-out"][name]
@@ -152,11 +156,10 @@ def main():
     for label, (q, f) in accuracy.items():
         print(f"top-1 on the {label} images: quantized {q:.2f}, float {f:.2f}")
     if args.perturb_steps:
-        kl = step_sensitivity(quantized, fp, {"calibration": calib, "held-out": val}, preprocess, args.perturb_steps,
-                              args.draws)
+        perturbed = step_sensitivity(quantized, fp, {"calibration": calib, "held-out": val}, preprocess,
+                                     args.perturb_steps, args.draws)
         print(f"{'KL to float at steps':24s} {'calibration':>12s} {'held-out':>10s}")
-        for rel, values in kl.items():
-            label = "learned" if rel is None else f"x (1 ± {rel:g})"
+        for label, values in [("learned", kl)] + [(f"x (1 ± {rel:g})", v) for rel, v in perturbed.items()]:
             print(f"{label:24s} {values['calibration']:12.4g} {values['held-out']:10.4g}")
 
 
