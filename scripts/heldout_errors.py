@@ -13,6 +13,9 @@ learned steps and with every activation step scaled by 1 + REL or 1 - REL (rando
 draws each). A fit that holds only at the exact learned steps shows as a calibration KL that jumps
 while the held-out one does not move.
 
+``--split_of RUN`` takes the split of another run instead: a model calibrated on every image (an oracle,
+not a result) measured on a standard run's held-out images.
+
     python scripts/heldout_errors.py outputs/lite0-w2a4 [--max_images 744] [--perturb_steps 1e-3 [--draws 4]]
 """
 import argparse
@@ -130,34 +133,38 @@ def main():
     parser.add_argument("--perturb_steps", type=float, nargs="+", default=[], metavar="REL",
                         help="also the logits' KL to float with every activation step scaled by 1 ± REL")
     parser.add_argument("--draws", type=int, default=4, help="random-sign draws per REL")
+    parser.add_argument("--split_of", metavar="RUN", help="the calibration/held-out split of another run_imagenet.py "
+                        "output folder (its data flags, num_samples and seed) instead of this run's own")
     args = parser.parse_args()
     if args.draws < 1 or any(not 0 <= rel < 1 for rel in args.perturb_steps):
         parser.error("--draws must be at least 1 and each --perturb_steps REL in [0, 1)")
-    results = Path(args.output_dir) / "results.json"
-    if not results.is_file():
-        parser.error(f"{results} not found: give a finished run_imagenet.py output folder")
-    config = json.loads(results.read_text())["config"]
+    configs = []
+    for run in (args.output_dir, args.split_of or args.output_dir):
+        results = Path(run) / "results.json"
+        if not results.is_file():
+            parser.error(f"{results} not found: give a finished run_imagenet.py output folder")
+        configs.append(json.loads(results.read_text())["config"])
+    config, split = configs
     torch.set_grad_enabled(False)
     quantized = load_quantized(args.output_dir).eval()
     fp, preprocess, _ = run_imagenet.load_model(fields(run_imagenet.ModelArguments, config))
     fp.eval()
-    calib, val = run_imagenet.calibration_split(fields(run_imagenet.DataArguments, config), config["num_samples"],
-                                                config["seed"])
-    calib, val = (sample(images, args.max_images) for images in (calib, val))
+    calib, val = run_imagenet.calibration_split(fields(run_imagenet.DataArguments, split), split["num_samples"],
+                                                split["seed"])
+    sets = {"calibration": sample(calib, args.max_images), "held-out": sample(val, args.max_images)}
     family = find_family(quantized)
     names = [name for name, module in quantized.named_modules() if matches(family.body, name, module)]
     errors, accuracy, kl = {}, {}, {}
-    for label, images in (("calibration", calib), ("held-out", val)):
+    for label, images in sets.items():
         errors[label], accuracy[label], kl[label] = compare(quantized, fp, names, images, preprocess)
     print(f"{'block':24s} {'calibration':>12s} {'held-out':>10s} {'ratio':>7s}")
     for name in names + ["logits"]:
         c, h = errors["calibration"][name], errors["held-out"][name]
         print(f"{name:24s} {c:12.4f} {h:10.4f} {h / max(c, 1e-30):7.2f}")
     for label, (q, f) in accuracy.items():
-        print(f"top-1 on the {label} images: quantized {q:.2f}, float {f:.2f}")
+        print(f"top-1 on the {label} images ({len(sets[label].labels)}): quantized {q:.2f}, float {f:.2f}")
     if args.perturb_steps:
-        perturbed = step_sensitivity(quantized, fp, {"calibration": calib, "held-out": val}, preprocess,
-                                     args.perturb_steps, args.draws)
+        perturbed = step_sensitivity(quantized, fp, sets, preprocess, args.perturb_steps, args.draws)
         print(f"{'KL to float at steps':24s} {'calibration':>12s} {'held-out':>10s}")
         for label, values in [("learned", kl)] + [(f"x (1 ± {rel:g})", v) for rel, v in perturbed.items()]:
             print(f"{label:24s} {values['calibration']:12.4g} {values['held-out']:10.4g}")

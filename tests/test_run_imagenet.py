@@ -100,12 +100,25 @@ def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tm
     blocks = [row for row in rows if row[0].startswith("_blocks.")]
     assert len(blocks) == 16 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in blocks)
     held_out = next(row for row in rows if row[:4] == ["top-1", "on", "the", "held-out"])
-    assert float(held_out[6].rstrip(",")) == pytest.approx(results["quant"]["top1"], abs=0.01)
+    assert held_out[5] == "(6):" and float(held_out[7].rstrip(",")) == pytest.approx(results["quant"]["top1"], abs=0.01)
     # the KL to float at the learned steps, unchanged by a zero perturbation, and raised by scaling the steps by 1 ± 0.5
     kl = {m[1]: (float(m[2]), float(m[3])) for line in report.stdout.splitlines()
           if (m := re.fullmatch(r"(learned|x \(1 ± [\d.]+\))\s+(\S+)\s+(\S+)", line.strip()))}
     assert kl["learned"] == kl["x (1 ± 0)"] and min(kl["learned"]) > 0
     assert all(perturbed > learned for perturbed, learned in zip(kl["x (1 ± 0.5)"], kl["learned"]))
+
+    # --split_of: a model calibrated on all 10 images, measured on the first run's 4 / 6 split (float top-1 the same)
+    oracle = tmp_path / "oracle"
+    proc = run_imagenet("--arch", "efficientnet_lite0", "--train_dir", str(flat), "--validation_dir", str(flat),
+                        "--n_bits_w", "4", "--channel_wise", "--n_bits_a", "8", "--act_quant", "--num_samples", "10",
+                        "--batch_size", "5", "--iters_w", "0", "--skip_fp_eval", "--output_dir", str(oracle))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(oracle), "--split_of", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert split.returncode == 0, split.stderr[-3000:]
+    sizes_and_float = [[(line.split()[5], line.split()[-1]) for line in text.splitlines() if line.startswith("top-1 on the")]
+                       for text in (report.stdout, split.stdout)]
+    assert sizes_and_float[0] == sizes_and_float[1] and [size for size, _ in sizes_and_float[1]] == ["(4):", "(6):"]
 
 
 def test_hugging_face_image_classifier_by_model_name_or_path(shared_data, tmp_path):
