@@ -191,17 +191,27 @@ def calibration_split(data: DataArguments, num_samples: int, seed: int) -> tuple
     return train.subset(sorted(rng.choice(len(train.labels), num_samples, replace=False))), val
 
 
+def image_batches(images: Images, preprocess, batch_size: int):
+    """(preprocessed images, labels) of ``images``, in order, ``batch_size`` at a time."""
+    n = len(images.labels)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        yield preprocess([images.load(i) for i in idx]), torch.tensor([images.labels[i] for i in idx])
+
+
+def logits_of(output):
+    """An image classifier's logits: a Hugging Face output's ``logits``, a built-in network's output itself."""
+    return getattr(output, "logits", output)
+
+
 @torch.no_grad()
 def evaluate(model, images: Images, preprocess, batch_size, device, desc) -> dict[str, float]:
     model.eval().to(device)
     top1 = top5 = 0
     n = len(images.labels)
-    for start in tqdm(range(0, n, batch_size), desc=desc):
-        idx = range(start, min(start + batch_size, n))
-        x = preprocess([images.load(i) for i in idx]).to(device)
-        y = torch.tensor([images.labels[i] for i in idx], device=device)
-        out = model(x)
-        logits = getattr(out, "logits", out)
+    for x, y in tqdm(image_batches(images, preprocess, batch_size), desc=desc, total=-(-n // batch_size)):
+        x, y = x.to(device), y.to(device)
+        logits = logits_of(model(x))
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1 += (best[:, 0] == y).sum().item()
         top5 += (best == y[:, None]).any(-1).sum().item()

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+BATCH = 64  # images per forward pass
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import run_imagenet  # noqa: E402
+from run_imagenet import image_batches, logits_of  # noqa: E402
 from qdrop_hf.families import find_family, matches  # noqa: E402
 from qdrop_hf.hf_integration import load_quantized  # noqa: E402
 from qdrop_hf.plan import first_output  # noqa: E402
@@ -46,19 +48,6 @@ def sample(images, n: int):
     if len(images.labels) <= n:
         return images
     return images.subset(sorted(random.Random(0).sample(range(len(images.labels)), n)))
-
-
-def logits_of(output):
-    """An image classifier's logits: a Hugging Face output's ``logits``, a built-in network's output itself."""
-    return getattr(output, "logits", output)
-
-
-def batches(images, preprocess, batch_size=64):
-    """(preprocessed images, labels) of ``images``, in order, ``batch_size`` at a time."""
-    n = len(images.labels)
-    for start in range(0, n, batch_size):
-        idx = range(start, min(start + batch_size, n))
-        yield preprocess([images.load(i) for i in idx]), torch.tensor([images.labels[i] for i in idx])
 
 
 def kl_sum(logits, target) -> float:
@@ -79,7 +68,7 @@ def compare(quantized, fp, names, images, preprocess):
                  lambda m, a, o, seen=seen, name=name: seen.__setitem__(name, o))
              for model, seen in zip((quantized, fp), outs) for name in names]
     try:
-        for x, y in batches(images, preprocess):
+        for x, y in image_batches(images, preprocess, BATCH):
             for k, (model, seen) in enumerate(zip((quantized, fp), outs)):
                 seen["logits"] = logits_of(model(x))
                 correct[k] += (seen["logits"].argmax(-1) == y).sum().item()
@@ -100,7 +89,7 @@ def compare(quantized, fp, names, images, preprocess):
 def step_sensitivity(quantized, fp, image_sets, preprocess, rels, draws):
     """{rel: {set label: mean KL(float || quantized)}}, each of ``rels`` averaged over ``draws`` draws
     of every active activation step scaled by 1 ± rel (random signs)."""
-    cached = {label: [(x, logits_of(fp(x))) for x, _ in batches(images, preprocess)]  # loaded once for every draw
+    cached = {label: [(x, logits_of(fp(x))) for x, _ in image_batches(images, preprocess, BATCH)]  # loaded once for every draw
               for label, images in image_sets.items()}
 
     def kl(label):
@@ -138,13 +127,15 @@ def main():
     args = parser.parse_args()
     if args.draws < 1 or any(not 0 <= rel < 1 for rel in args.perturb_steps):
         parser.error("--draws must be at least 1 and each --perturb_steps REL in [0, 1)")
-    configs = []
-    for run in (args.output_dir, args.split_of or args.output_dir):
+
+    def run_config(run: str) -> dict:
         results = Path(run) / "results.json"
         if not results.is_file():
             parser.error(f"{results} not found: give a finished run_imagenet.py output folder")
-        configs.append(json.loads(results.read_text())["config"])
-    config, split = configs
+        return json.loads(results.read_text())["config"]
+
+    config = run_config(args.output_dir)
+    split = run_config(args.split_of) if args.split_of else config
     torch.set_grad_enabled(False)
     quantized = load_quantized(args.output_dir).eval()
     fp, preprocess, _ = run_imagenet.load_model(fields(run_imagenet.ModelArguments, config))
