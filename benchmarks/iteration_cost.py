@@ -6,8 +6,11 @@ Both are timed in the same run, same batch, same threads, under the allocator se
 loop runs under, in alternating rounds (median ratio printed, with its range): the FP step computes the block's weight gradients of an MSE loss; the QDrop step is
 what the engine's loop does per iteration (soft AdaRound weights, LSQ activations with random drop,
 rounding loss, backward, the two Adam steps), with each of the activation quantizers' kernels: the fused
-C++ ones (the default), the eager torch ones, and ``compile=True``'s torch.compile'd ones.
+C++ ones (the default), the eager torch ones, and ``compile=True``'s torch.compile'd ones. The
+convolutional blocks are measured twice: on contiguous activations, and on channels-last ones (the
+engine's default on the CPU, ``QDropConfig.channels_last``), where the absolute times are the point.
 """
+import copy
 import statistics
 import sys
 import time
@@ -18,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdrop_hf import QDropConfig  # noqa: E402
 from qdrop_hf.allocator import freed_memory_kept  # noqa: E402
+from qdrop_hf.batches import to_channels_last  # noqa: E402
 from qdrop_hf.plan import prepare_model, set_quant_state  # noqa: E402
 from qdrop_hf.quantizers import DropMasks, use_kernels  # noqa: E402
 from qdrop_hf.cache import BlockCache  # noqa: E402
@@ -40,6 +44,7 @@ def timed(step, n):
 
 def measure(name, model, batch, unit_index, n=20, rounds=5):
     config = QDropConfig(n_bits_w=4, n_bits_a=4)
+    model = copy.deepcopy(model)  # prepare_model installs quantizers in place; a model is measured more than once
     plan = prepare_model(model, config, batch, "cpu")
     for layer in plan.layers:
         layer.weight_quantizer.init_range(layer.weight)
@@ -110,11 +115,17 @@ def main():
     measure("MiniLM-L6 layer (batch 32, seq 48)", bert.requires_grad_(False), text, 1)
     resnet = ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
                                                        layer_type="basic")).eval().requires_grad_(False)
-    measure("ResNet basic block 16ch (batch 32)", resnet, torch.randn(32, 3, 128, 128), 1)
+    small = torch.randn(32, 3, 128, 128)
+    measure("ResNet basic block 16ch (batch 32)", resnet, small, 1)
+    measure("  the same, channels-last", resnet, to_channels_last(small), 1)
     from qdrop_hf.archs import build_arch
 
     lite = build_arch("efficientnet_lite0", default_weights=False).requires_grad_(False)
-    measure("EfficientNet-Lite0 MBConv (batch 32)", lite, torch.randn(32, 3, 224, 224), 2)
+    images = torch.randn(32, 3, 224, 224)
+    # QDropConfig.channels_last: the engine's default for convolutions on the CPU; contiguous before
+    for unit in (1, 2):
+        measure(f"EfficientNet-Lite0 MBConv {unit} (batch 32)", lite, images, unit)
+        measure("  the same, channels-last", lite, to_channels_last(images), unit)
 
 
 if __name__ == "__main__":

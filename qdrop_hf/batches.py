@@ -26,6 +26,23 @@ def to_device(obj: Any, device) -> Any:
     return obj
 
 
+def to_channels_last(obj: Any) -> Any:
+    """``obj`` with its 4-D floating-point tensors (images) in channels-last memory order, values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 and obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: to_channels_last(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_channels_last(v) for v in obj)
+    return obj
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Dense in channels-last memory order and not also contiguous: the one strided layout the fused
+    kernels read in place (``flat_order`` in csrc/fake_quant.cpp) and the block caches keep."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def model_inputs(batch: Any) -> Any:
     """Drop labels, so that calibration never computes a loss or needs labels."""
     if isinstance(batch, dict) or hasattr(batch, "keys"):

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from .batches import CalibrationDataError
+from .batches import CalibrationDataError, is_channels_last
 from .quantizers import ActQuantizer, DropMasks
 
 
@@ -35,8 +35,10 @@ class SpillFile:
         self.size = 0
 
     def write(self, tensor: torch.Tensor) -> "OnDisk":
-        data = tensor.detach().cpu().contiguous()
-        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        data = tensor.detach().cpu()
+        channels_last = is_channels_last(data)  # written in its own memory order (rows outermost either way)
+        flat = data.permute(0, 2, 3, 1) if channels_last else data.contiguous()
+        view = memoryview(flat.reshape(-1).view(torch.uint8).numpy())
         offset, done = self.size, 0
         try:
             while done < len(view):
@@ -45,18 +47,20 @@ class SpillFile:
             raise OSError(e.errno, f"cannot write the block cache to cache_dir {self.directory}: "
                                    f"{e.strerror}; {(self.size + len(view)) / 1e6:.0f} MB needed so far") from e
         self.size += len(view)
-        return OnDisk(self, [(offset, data.shape[0])], data.shape, data.dtype, tensor.device)
+        return OnDisk(self, [(offset, data.shape[0])], data.shape, data.dtype, tensor.device, channels_last)
 
 
 class OnDisk:
     """A tensor whose rows (dim 0) lie in a ``SpillFile``, in segments of ``(byte offset, rows)``.
 
-    Concatenating along rows joins segment lists, so merging cached batches moves no data.
+    Concatenating along rows joins segment lists, so merging cached batches moves no data. A
+    channels-last tensor is stored and read back in that memory order.
     """
 
     def __init__(self, spill: SpillFile, segments: list[tuple[int, int]], shape: torch.Size, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, channels_last: bool = False):
         self.spill, self.segments, self.shape, self.dtype, self.device = spill, segments, torch.Size(shape), dtype, device
+        self.channels_last = channels_last
         self.row_bytes = self.shape[1:].numel() * dtype.itemsize
         self.starts = [0]  # first row of each segment
         for _, rows in segments:
@@ -70,13 +74,16 @@ class OnDisk:
     def cat(parts: list["OnDisk"]) -> "OnDisk":
         rows = sum(p.shape[0] for p in parts)
         return OnDisk(parts[0].spill, [s for p in parts for s in p.segments], (rows,) + tuple(parts[0].shape[1:]),
-                      parts[0].dtype, parts[0].device)
+                      parts[0].dtype, parts[0].device, parts[0].channels_last)
 
     def load(self, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, or its ``rows`` (a slice or an index tensor), read from the file."""
         n = self.shape[0]
         wanted = range(n)[rows] if isinstance(rows, slice) else range(n) if rows is None else rows.tolist()
-        out = torch.empty((len(wanted),) + tuple(self.shape[1:]), dtype=self.dtype)
+        row_shape = tuple(self.shape[1:])
+        if self.channels_last:
+            row_shape = row_shape[1:] + row_shape[:1]  # (H, W, C)
+        out = torch.empty((len(wanted),) + row_shape, dtype=self.dtype)
         buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         runs: list[list[int]] = []  # [first wanted position, segment, first row, rows]: read at once
         for i, row in enumerate(wanted):
@@ -91,7 +98,7 @@ class OnDisk:
             done = 0
             while done < len(target):
                 done += os.preadv(fd, [target[done:]], offset + done)
-        return out.to(self.device)
+        return (out.permute(0, 3, 1, 2) if self.channels_last else out).to(self.device)
 
 
 class BlockCache:

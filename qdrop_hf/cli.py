@@ -79,6 +79,9 @@ class QuantArguments:
     seed: int = field(default=1005, metadata={"help": "random seed (calibration sampling, drop masks)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
     compile: bool = field(default=False, metadata={"help": "fuse fake-quant kernels with torch.compile"})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "calibrate and reconstruct with channels-last activations (default: for 2-D convolutions on the CPU, "
+                "where mkldnn runs them faster)"})
 
     def to_config(self) -> QDropConfig:
         return QDropConfig.from_saved(vars(self))

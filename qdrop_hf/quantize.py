@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batches import batch_len, run_model, take_batches
+from .batches import batch_len, run_model, take_batches, to_channels_last
 from .cache import BlockCache
 from .checkpoint import Checkpoint
 from .config import QDropConfig
@@ -49,6 +49,8 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     use_kernels("compiled" if config.compile else "fused")
     batches = distributed.shard(take_batches(calibration_data, config.num_samples))
     model.eval().requires_grad_(False).to(device)
+    if use_channels_last(config, model, device):
+        batches = [to_channels_last(b) for b in batches]
     t0 = time.perf_counter()
     plan = prepare_model(model, config, batches[0], device, family)
     for layer in plan.layers:
@@ -148,6 +150,14 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     model.qdrop_plan = plan
     model.qdrop_report = report
     return model
+
+
+def use_channels_last(config: QDropConfig, model: nn.Module, device: torch.device) -> bool:
+    """``config.channels_last``, or by default: the model has 2-D convolutions and runs on the CPU
+    through the C++ kernels (``compile``'s kernels run 2-4x slower on channels-last activations)."""
+    if config.channels_last is not None:
+        return config.channels_last
+    return device.type == "cpu" and not config.compile and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .batches import is_channels_last
 from .native import fake_quant_kernels
 from .observers import ActivationObserver, fake_quantize, search_range, search_range_output
 
@@ -27,7 +28,8 @@ class DropMasks:
     of a float mask's memory traffic); the torch-op kernels get float windows, not bool: on CPU,
     bool-masked ``where``/``mul`` run an order of magnitude slower than float arithmetic, and a 0/1
     float mask mixes exactly through ``lerp`` (``a.lerp(b, 0) == a``, ``a.lerp(b, 1) == b``, bit for
-    bit). The masks do not depend on which kernels run.
+    bit). The masks do not depend on which kernels run: a window is laid out in the memory order of
+    the tensor it drops from (contiguous, or channels-last), the order the C++ kernels read it in.
     """
 
     def __init__(self, keep_prob: float, generator: torch.Generator, min_pool: int = 1 << 20):
@@ -36,20 +38,25 @@ class DropMasks:
         self.min_pool = min_pool
         self.pool = torch.empty(0, device=generator.device)
 
-    def __call__(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n = shape.numel()
+    def __call__(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A mask for ``like``: its shape, and its strides where it is channels-last."""
+        n = like.numel()
         if self.pool.numel() < n + n // 2:
             size = max(self.min_pool, 2 * n)
             draw = torch.rand(size, generator=self.generator, device=self.generator.device)
             self.pool = torch.ge(draw, self.keep_prob, out=draw).to(torch.uint8)
         start = int(torch.randint(self.pool.numel() - n + 1, (1,), generator=self.generator, device=self.generator.device))
-        return self.pool[start:start + n].view(shape).to(dtype)
+        window = self.pool[start:start + n]
+        if is_channels_last(like):
+            return window.as_strided(like.shape, like.stride()).to(dtype)
+        return window.view(like.shape).to(dtype)
 
     def mix(self, kept: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``kept`` where the mask keeps, ``other`` where it drops (exactly either value, never a blend)."""
         if _mask_dtype(kept, other) == torch.uint8:
-            return fake_quant_kernels().mix(kept.contiguous(), other.contiguous(), self(kept.shape, torch.uint8))
-        return torch.lerp(kept, other, self(kept.shape, kept.dtype))
+            return fake_quant_kernels().mix(kept, other, self(kept, torch.uint8))
+        return torch.lerp(kept, other, self(kept, kept.dtype))
+
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -95,8 +102,8 @@ def _eager_backward(grad, x, out, scale, need_scale: bool):
 
 
 def _fusable(*tensors) -> bool:
-    """float32 CPU tensors (None passes): the C++ kernels' domain. Strided ones are made contiguous
-    on the way in."""
+    """float32 CPU tensors (None passes): the C++ kernels' domain. Strided ones other than
+    channels-last are made contiguous on the way in."""
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
 
 
@@ -114,11 +121,10 @@ def _mask_dtype(*tensors) -> torch.dtype:
 
 
 def _fused_forward(x, scale, zero_point, n_bits: int, drop):
-    """The one-pass C++ kernel (``native``) for float32 CPU tensors (and a uint8 mask), else the eager
-    one. A strided input (attention's heads) is copied contiguous first: still 2 passes against 6."""
+    """The one-pass C++ kernel (``native``) for float32 CPU tensors (and a uint8 mask), else the eager one."""
     fused = _native(x)
     if fused is not None and (drop is None or drop.dtype == torch.uint8):
-        return fused.forward(x.contiguous(), float(scale), float(zero_point), 2**n_bits - 1, drop)
+        return fused.forward(x, float(scale), float(zero_point), 2**n_bits - 1, drop)
     return _eager_forward(x, scale, zero_point, n_bits, None if drop is None else drop.to(x.dtype))
 
 
@@ -381,7 +387,7 @@ class ActQuantizer(nn.Module):
         if not self.active:
             return x
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            drop = self.drop_masks(x.shape, _mask_dtype(x)) if self.drop_masks is not None else None
+            drop = self.drop_masks(x, _mask_dtype(x)) if self.drop_masks is not None else None
             return _fake_quant(x, self.scale, self.zero_point, self.n_bits, drop)
         return self.quantize(x, self.drop_masks)  # nothing to differentiate
 
@@ -395,7 +401,7 @@ class ActQuantizer(nn.Module):
         """``x`` fake-quantized with the current (fixed) step, kept as ``x`` where ``drop_masks`` drops:
         the forward with no gradient, also used to drop this quantizer from outside its own unit
         (``BlockCache.input_quantizer``)."""
-        drop = drop_masks(x.shape, _mask_dtype(x)) if drop_masks is not None else None
+        drop = drop_masks(x, _mask_dtype(x)) if drop_masks is not None else None
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ from qdrop_hf.batches import CalibrationDataError
                                          ("prob", 0.0), ("input_prob", 0.0), ("prob", 1.5), ("order", "sideways"),
                                          ("iters_w", -1), ("num_samples", 0), ("init_amode", "guess"),
                                          ("cache_dir", "/nonexistent/qdrop-cache"), ("b_end", 0.5),
-                                         ("bias_correction", "all"),
+                                         ("bias_correction", "all"), ("channels_last", "yes"),
                                          ("depthwise_range", "mse"), ("input_drop", "fp")])
 def test_invalid_configs_are_refused_with_the_field_named(field, value):
     with pytest.raises(QDropConfigError, match=field):

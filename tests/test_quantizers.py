@@ -291,14 +291,42 @@ def test_fused_kernels_take_strided_inputs_and_leave_half_precision_to_eager():
         assert torch.equal(q(other), expected)
 
 
+def test_fused_kernels_read_channels_last_activations_in_place():
+    """A CPU CNN's activations are channels-last: the C++ kernels read them as they lie (outputs and
+    gradients keep the layout) and give the eager kernels' values; a drop mask is laid out in the
+    same memory order, so that either kernel drops the same elements."""
+    kernels = fake_quant_kernels()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 16, 9, 7, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale, zp = torch.tensor(0.37), torch.tensor(7.0)
+    drop = DropMasks(0.5, torch.Generator().manual_seed(1), min_pool=1 << 12)(x, torch.uint8)
+    assert drop.stride() == x.stride()
+    fused = kernels.forward(x, 0.37, 7.0, 15, drop)
+    eager = _eager_forward(x, scale, zp, 4, drop.float())
+    assert torch.equal(fused, eager) and fused.stride() == x.stride()
+    assert torch.equal(fused[drop.bool()], x[drop.bool()]) and 0.4 < drop.float().mean() < 0.6
+    g_fused, s_fused = kernels.backward(grad, x, fused, 0.37, True)
+    g_eager, s_eager = _eager_backward(grad, x, eager, scale, True)
+    assert torch.equal(g_fused, g_eager) and g_fused.stride() == x.stride()
+    assert torch.allclose(s_fused, s_eager, rtol=1e-4)
+    leaf = x.clone().requires_grad_(True)
+    out = kernels.fake_quant(leaf, scale, 7.0, 15, drop)
+    out.backward(grad.contiguous())  # a gradient in another order is put in x's
+    assert torch.equal(out, fused) and torch.equal(leaf.grad, g_fused) and leaf.grad.stride() == x.stride()
+    other = torch.randn(x.shape, generator=gen)  # contiguous
+    mixed = kernels.mix(x, other, drop)
+    assert torch.equal(mixed, torch.lerp(x, other, drop.float())) and mixed.stride() == x.stride()
+
+
 def test_drop_masks_are_the_same_draws_for_either_kernel_and_mix_exactly():
     """uint8 masks (fused kernels) and float masks (eager) come from the same draws, and the C++
     input mixing gives the eager lerp's result bit for bit: either value, never a blend."""
     shape = torch.Size([4, 3000])
     as_bytes = DropMasks(0.5, torch.Generator().manual_seed(3), min_pool=1 << 14)
     as_float = DropMasks(0.5, torch.Generator().manual_seed(3), min_pool=1 << 14)
-    for _ in range(3):
-        assert torch.equal(as_bytes(shape, torch.uint8).float(), as_float(shape, torch.float32))
+    for like in (torch.empty(shape), torch.empty(4, 3, 10, 100).contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(as_bytes(like, torch.uint8).float(), as_float(like, torch.float32))
     kept, other = torch.randn(shape), torch.randn(shape)
     mixed = DropMasks(0.5, torch.Generator().manual_seed(4)).mix(kept, other)
     use_kernels("eager")

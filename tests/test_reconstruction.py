@@ -196,6 +196,39 @@ def test_every_order_runs_and_leaves_all_activations_calibrated(order, flags):
         assert torch.isfinite(model(image_batches()[0]).logits).all()
 
 
+def test_cpu_convolutions_run_channels_last_by_default_and_give_the_contiguous_model():
+    """Calibration and reconstruction feed the convolutions channels-last activations on the CPU by
+    default (``channels_last=False``: contiguous ones). Round-to-nearest gives the same model either
+    way, up to the convolutions' summation order; reconstruction (no drop masks, so that both draw
+    alike) ends at the same errors, but for a rounding decision that summation order can flip."""
+    from qdrop_hf.nn import QuantConv2d
+
+    def run(**flags):
+        layouts = []
+
+        def record(module, args):  # every module's hook: the quantized convolutions are made inside quantize_model
+            if isinstance(module, QuantConv2d):
+                layouts.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+
+        config = QDropConfig(n_bits_w=3, n_bits_a=4, batch_size=8, num_samples=16, prob=1.0, input_prob=1.0, **flags)
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+        try:
+            model = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            return model(image_batches()[0]).logits, layouts, [u["error"] for u in model.qdrop_report["units"]]
+
+    default, layouts, _ = run(iters_w=0)
+    assert len(layouts) > 20 and all(layouts)
+    contiguous, layouts, _ = run(iters_w=0, channels_last=False)
+    assert layouts and not any(layouts)
+    assert torch.allclose(default, contiguous, rtol=0, atol=1e-5)
+    (_, layouts, errors), (_, _, contiguous_errors) = run(iters_w=40), run(iters_w=40, channels_last=False)
+    assert len(layouts) > 100 and all(layouts)
+    assert errors == pytest.approx(contiguous_errors, rel=0.1)
+
+
 def test_batchnorm_folding_preserves_the_function():
     model = tiny_resnet()
     x = image_batches()[0]
@@ -267,6 +300,7 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, input_drop
     output quantizer) and store the value before it."""
     from qdrop_hf import quantize as quantize_module
     from qdrop_hf.archs import build_arch
+    from qdrop_hf.batches import to_channels_last
     from qdrop_hf.plan import set_quant_state
     from qdrop_hf.reconstruct import capture, follow
 
@@ -279,13 +313,16 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, input_drop
     config = QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, batch_size=8, num_samples=24 if which == "resnet20" else 64,
                          input_drop=input_drop)
     checked = []
+    ref_batches = batches  # captured in the layout quantize_model runs the model in (channels-last: ResNet-20 on the CPU)
+    if quantize_module.use_channels_last(config, model, torch.device("cpu")):
+        ref_batches = [to_channels_last(b) for b in batches]
 
     def checked_follow(prev, prev_cache, unit, quant_state, trace_input):
         assert trace_input == (input_drop == "unquantized")
         set_quant_state(model, weights=False, acts=False)
-        fp_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=True))
+        fp_ref = list(capture(model, unit.module, ref_batches, torch.device("cpu"), with_output=True))
         set_quant_state(model, *quant_state)
-        q_ref = list(capture(model, unit.module, batches, torch.device("cpu"), with_output=False, trace_input=trace_input))
+        q_ref = list(capture(model, unit.module, ref_batches, torch.device("cpu"), with_output=False, trace_input=trace_input))
         followed = list(follow(prev, prev_cache, unit, quant_state, trace_input))
         got = BlockCache.of([fp for fp, _, _ in followed], [{"args": q} for _, q, _ in followed]).merged()
         ref = BlockCache.of(fp_ref, q_ref).merged()

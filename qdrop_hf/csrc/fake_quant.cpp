@@ -81,21 +81,39 @@ inline float rect(float sig) {
 
 inline float rect_grad(float a, float sig) { return std::fabs(a) <= kOpen ? sig * (1.f - sig) * (kZeta - kGamma) : 0.f; }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor");
+// The kernels read each tensor as one flat array, so the tensors of a call must be dense in one
+// memory order: contiguous, or channels-last (the layout mkldnn's convolutions run fastest on, which a
+// CNN's activations keep from block to block). x's order is the one the others are put in.
+at::MemoryFormat flat_order(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
+// t in x's memory order: t itself when it already is (always for activations the model made), else a copy
+at::Tensor in_order_of(const at::Tensor& t, const at::Tensor& x) { return t.contiguous(flat_order(x)); }
+
+void check(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(flat_order(x)),
+              name, " must be a float32 CPU tensor, dense in the memory order of the kernel's first tensor");
+}
+
+void check(const at::Tensor& t, const char* name) { check(t, name, t); }
+
+// A mask is read in x's memory order too: DropMasks lays a pool window out with x's strides, so that
+// the eager kernels' elementwise mask and this flat one pick the same elements.
 void check_mask(const at::Tensor& mask, const at::Tensor& x) {
-  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kByte && mask.is_contiguous(),
-              "a drop mask must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kByte && mask.is_contiguous(flat_order(x)),
+              "a drop mask must be a uint8 CPU tensor in the memory order of the tensor it drops from");
   TORCH_CHECK(mask.numel() == x.numel(), "drop mask has ", mask.numel(), " elements, x ", x.numel());
 }
 }  // namespace
 
-// out = clamp(round(x / s), -zp, qmax - zp) * s, or x where the uint8 drop mask is 1
-at::Tensor fq_forward(const at::Tensor& x, double scale, double zero_point, int64_t qmax,
+// out = clamp(round(x / s), -zp, qmax - zp) * s, or x where the uint8 drop mask is 1 (a strided x, as
+// attention's heads, is read from a contiguous copy: still two passes against the eager kernels' six)
+at::Tensor fq_forward(const at::Tensor& strided_x, double scale, double zero_point, int64_t qmax,
                       const c10::optional<at::Tensor>& drop) {
+  const auto x = in_order_of(strided_x, strided_x);
   check(x, "x");
   auto out = at::empty_like(x);
   const float s = static_cast<float>(scale), lo = static_cast<float>(-zero_point),
@@ -127,9 +145,9 @@ at::Tensor fq_forward(const at::Tensor& x, double scale, double zero_point, int6
 // so the sum costs nothing measurable when it is not wanted)
 std::vector<at::Tensor> fq_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
                                     double scale, bool need_scale) {
-  check(grad, "grad");
   check(x, "x");
-  check(out, "out");
+  check(grad, "grad", x);
+  check(out, "out", x);
   auto grad_x = at::empty_like(x);
   const float s = static_cast<float>(scale), half = static_cast<float>(scale * 0.5);
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>(), *op = out.data_ptr<float>();
@@ -168,8 +186,8 @@ std::vector<at::Tensor> fq_backward(const at::Tensor& grad, const at::Tensor& x,
 // w = base + h(alpha) * step
 at::Tensor soft_weight(const at::Tensor& alpha, const at::Tensor& base, const at::Tensor& step) {
   check(alpha, "alpha");
-  check(base, "base");
-  check(step, "step");
+  check(base, "base", alpha);
+  check(step, "step", alpha);
   auto out = at::empty_like(alpha);
   const float *ap = alpha.data_ptr<float>(), *bp = base.data_ptr<float>(), *sp = step.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -183,8 +201,8 @@ at::Tensor soft_weight(const at::Tensor& alpha, const at::Tensor& base, const at
 // d(sum(grad * w))/dalpha = grad * step * dh/dalpha
 at::Tensor soft_weight_backward(const at::Tensor& alpha, const at::Tensor& step, const at::Tensor& grad) {
   check(alpha, "alpha");
-  check(step, "step");
-  check(grad, "grad");
+  check(step, "step", alpha);
+  check(grad, "grad", alpha);
   auto out = at::empty_like(alpha);
   const float *ap = alpha.data_ptr<float>(), *sp = step.data_ptr<float>(), *gp = grad.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -238,9 +256,10 @@ std::vector<at::Tensor> rounding_loss(const at::Tensor& alpha, double beta) {
 }
 
 // kept where the uint8 mask is 0, other where it is 1 (QDrop's mixing of a block's input)
-at::Tensor mix(const at::Tensor& kept, const at::Tensor& other, const at::Tensor& mask) {
+at::Tensor mix(const at::Tensor& strided_kept, const at::Tensor& strided_other, const at::Tensor& mask) {
+  const auto kept = in_order_of(strided_kept, strided_kept), other = in_order_of(strided_other, kept);
   check(kept, "kept");
-  check(other, "other");
+  check(other, "other", kept);
   TORCH_CHECK(other.numel() == kept.numel(), "mixing tensors of ", kept.numel(), " and ", other.numel(), " elements");
   check_mask(mask, kept);
   auto out = at::empty_like(kept);
@@ -264,7 +283,7 @@ struct FakeQuantNode : public torch::autograd::Function<FakeQuantNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale, double zero_point,
                             int64_t qmax, const c10::optional<at::Tensor>& drop) {
     TORCH_CHECK(scale.scalar_type() == at::kFloat, "the step must be float32");
-    const auto xc = x.contiguous();
+    const auto xc = in_order_of(x, x);
     const double s = scale.item<double>();  // read once; the step does not change before backward
     auto out = fq_forward(xc, s, zero_point, qmax, drop);
     ctx->save_for_backward({xc, out});
@@ -275,7 +294,8 @@ struct FakeQuantNode : public torch::autograd::Function<FakeQuantNode> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_scale = ctx->needs_input_grad(1);
-    auto g = fq_backward(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["scale"].toDouble(), need_scale);
+    auto g = fq_backward(in_order_of(grads[0], saved[0]), saved[0], saved[1], ctx->saved_data["scale"].toDouble(),
+                         need_scale);
     return {g[0], need_scale ? g[1] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
