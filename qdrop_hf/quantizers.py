@@ -58,7 +58,6 @@ class DropMasks:
         return torch.lerp(kept, other, self(kept, kept.dtype))
 
 
-
 class _FakeQuant(torch.autograd.Function):
     """LSQ fake quantization, optionally replaced by the float input where a 0/1 ``drop`` mask is 1.
 
