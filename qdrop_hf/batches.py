@@ -16,25 +16,25 @@ class CalibrationDataError(ValueError):
     """The calibration data is empty or not something a model can be called on."""
 
 
-def to_device(obj: Any, device) -> Any:
+def map_tensors(obj: Any, fn) -> Any:
+    """``obj`` (a tensor, or dicts/lists/tuples of them) with ``fn`` applied to every tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def to_device(obj: Any, device) -> Any:
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def to_channels_last(obj: Any) -> Any:
     """``obj`` with its 4-D floating-point tensors (images) in channels-last memory order, values unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 and obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: to_channels_last(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_channels_last(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.contiguous(memory_format=torch.channels_last)
+                       if t.dim() == 4 and t.is_floating_point() else t)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
