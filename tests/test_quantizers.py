@@ -207,6 +207,25 @@ def test_drop_keeps_quantized_values_with_probability_p(p):
     assert len({round(f, 6) for f in fractions}) > 1  # masks differ between calls
 
 
+def test_pooled_drop_masks_are_independent_draws_per_element_and_call():
+    """Windows of one pool behave as fresh Bernoulli draws: each element is dropped at rate 1 - p
+    over the calls (none stuck), and an element's mask is uncorrelated with its mask at the next call
+    and with its neighbour's. The pool is as small as the class allows (1.5x the request)."""
+    p, n, calls = 0.5, 3000, 600
+    masks = DropMasks(p, torch.Generator().manual_seed(5), min_pool=0)
+    draws = torch.stack([masks(torch.empty(n)) for _ in range(calls)])  # [calls, n], 1 = dropped
+    assert masks.pool.numel() == 2 * n
+    rates = draws.mean(dim=0)
+    assert (rates - (1 - p)).abs().max() < 0.1  # 5 standard deviations of a rate over 600 calls
+
+    def correlation(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    assert abs(correlation(draws[1:], draws[:-1])) < 0.01  # the same element, consecutive calls
+    assert abs(correlation(draws[:, 1:], draws[:, :-1])) < 0.01  # neighbours within a call
+
+
 def test_prob_one_is_no_drop_and_no_drop_outside_reconstruction():
     q, x = fitted_act()
     q.scale.requires_grad_(True)
