@@ -210,7 +210,7 @@ def test_drop_keeps_quantized_values_with_probability_p(p):
 def test_pooled_drop_masks_are_independent_draws_per_element_and_call():
     """Windows of one pool behave as fresh Bernoulli draws: each element is dropped at rate 1 - p
     over the calls (none stuck), and an element's mask is uncorrelated with its mask at the next call
-    and with its neighbour's. The pool is as small as the class allows (1.5x the request)."""
+    and with its neighbour's. The pool is the smallest the class draws (twice the request)."""
     p, n, calls = 0.5, 3000, 600
     masks = DropMasks(p, torch.Generator().manual_seed(5), min_pool=0)
     draws = torch.stack([masks(torch.empty(n)) for _ in range(calls)])  # [calls, n], 1 = dropped
