@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHARED ?= ../shared/data
 DEMO_OUT ?= outputs/demo-sst2-w4a8
 
-.PHONY: setup test demo
+.PHONY: setup test test-slow test-all demo reproduce
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,19 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The suite without its slow tests (about 7 minutes on 2 CPU cores); test-slow runs the rest.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+# Every number of the README's results tables (quick budget: about 40 minutes on 2 CPU cores).
+reproduce: setup
+	bash scripts/reproduce_results.sh --budget quick outputs/reproduce
 
 demo: setup
 	$(BIN)/python run_glue.py --model_name_or_path $(SHARED)/models/minilm-l6-sst2 \

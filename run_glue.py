@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qdrop_hf.batches import padded_batches
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+from qdrop_hf.tasks.cli import (HubRunArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
                           recorded_arguments, run_main)
-from qdrop_hf.metrics import compute_metrics, glue_metric_names
-from qdrop_hf.quantize import resolve_device
+from qdrop_hf.tasks.metrics import compute_metrics, glue_metric_names
+from qdrop_hf.config import QDropConfig, RuntimeConfig
 
 logger = logging.getLogger("run_glue")
 
@@ -161,9 +161,9 @@ def evaluate_model(model, tokenizer, encodings, references, metric_names, is_reg
 
 
 def main():
-    model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
+    model_args, data_args, config, runtime, run_args = parse_args(ModelArguments, DataArguments, QDropConfig, RuntimeConfig,
+                                                                 HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = quant_args.to_config()
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     train, eval_splits = load_raw(data_args)
     if data_args.max_eval_samples:
@@ -172,8 +172,8 @@ def main():
     keys = text_keys(data_args, train.column_names)
     if data_args.label_column not in validation.column_names:
         raise UserError(f"label column {data_args.label_column!r} not in {validation.column_names}")
-    if quant_args.num_samples > len(train):
-        raise UserError(f"--num_samples {quant_args.num_samples} is larger than the {len(train)} training rows")
+    if config.num_samples > len(train):
+        raise UserError(f"--num_samples {config.num_samples} is larger than the {len(train)} training rows")
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     head = {"num_labels": model_args.num_labels, "ignore_mismatched_sizes": True} if model_args.num_labels else {}
@@ -198,17 +198,17 @@ def main():
         return metrics
 
     # Calibration: a seeded random subset of the train split, no labels, padding-aware batches.
-    rng = np.random.default_rng(quant_args.seed)
-    calib_rows = train.select(sorted(rng.choice(len(train), quant_args.num_samples, replace=False).tolist()))
+    rng = np.random.default_rng(config.seed)
+    calib_rows = train.select(sorted(rng.choice(len(train), config.num_samples, replace=False).tolist()))
     calib_enc = encode(tokenizer, calib_rows, keys, data_args.max_seq_length)
-    calibration = [b for _, b in padded_batches(calib_enc, range(len(calib_rows)), quant_args.batch_size, tokenizer)]
+    calibration = [b for _, b in padded_batches(calib_enc, range(len(calib_rows)), config.batch_size, tokenizer)]
 
-    device = resolve_device(config)
-    results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
+    device = runtime.resolved_device()
+    results = {"config": recorded_arguments(model_args, data_args, config, runtime, run_args),
                "text_columns": keys, "metrics": metric_names}
     source = data_args.train_file or f"GLUE {data_args.task_name} train split"
-    note = f"{quant_args.num_samples} random rows of {source}"
-    quantize_evaluate_save(out, results, model, calibration, config, evaluate_all, run_args, tokenizer, note)
+    note = f"{config.num_samples} random rows of {source}"
+    quantize_evaluate_save(out, results, model, calibration, config, runtime, evaluate_all, run_args, tokenizer, note)
 
 
 if __name__ == "__main__":

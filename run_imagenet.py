@@ -5,7 +5,7 @@
         --n_bits_w 2 --channel_wise --n_bits_a 2 --act_quant --order together --wwq --waq --awq --aaq \
         --weight 0.01 --input_prob 0.5 --prob 0.5 --output_dir outputs/r18-w2a2
 
-Models: ``--arch`` names a built-in network (``qdrop_hf.archs``: the seed's resnet18, resnet50,
+Models: ``--arch`` names a built-in network (``qdrop_hf.tasks.archs``: the seed's resnet18, resnet50,
 mobilenetv2, regnetx_600m, regnetx_3200m, mnasnet; efficientnet_lite0; CIFAR resnet20/32/44/56) with
 ``--weights``; or ``--model_name_or_path`` any Hugging Face image classifier (ResNet, RegNet,
 MobileNetV2, ViT), preprocessed by its own image processor.
@@ -29,10 +29,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from qdrop_hf.archs import build_arch, get_arch
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+from qdrop_hf.tasks.archs import build_arch, get_arch
+from qdrop_hf.tasks.cli import (HubRunArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
                           recorded_arguments, run_main)
-from qdrop_hf.quantize import resolve_device
+from qdrop_hf.config import QDropConfig, RuntimeConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 WNID_FILE = re.compile(r"^(n\d{8})_")
@@ -219,24 +219,24 @@ def evaluate(model, images: Images, preprocess, batch_size, device, desc) -> dic
 
 
 def main():
-    model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
+    model_args, data_args, config, runtime, run_args = parse_args(ModelArguments, DataArguments, QDropConfig, RuntimeConfig,
+                                                                 HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = quant_args.to_config()
     out = check_output_dir(run_args.output_dir, run_args.overwrite_output_dir)
     model, preprocess, processor = load_model(model_args)
-    calib, val = calibration_split(data_args, quant_args.num_samples, quant_args.seed)
-    images = preprocess([calib.load(i) for i in range(quant_args.num_samples)])
-    calibration = list(images.split(quant_args.batch_size))
+    calib, val = calibration_split(data_args, config.num_samples, config.seed)
+    images = preprocess([calib.load(i) for i in range(config.num_samples)])
+    calibration = list(images.split(config.batch_size))
 
-    device = resolve_device(config)
-    results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
-               "calibration_images": quant_args.num_samples, "eval_images": len(val.labels)}
+    device = runtime.resolved_device()
+    results = {"config": recorded_arguments(model_args, data_args, config, runtime, run_args),
+               "calibration_images": config.num_samples, "eval_images": len(val.labels)}
 
     def evaluate_on_val(model, desc):
         return evaluate(model, val, preprocess, data_args.eval_batch_size, device, desc)
 
-    note = f"{quant_args.num_samples} random images of {calib.source}"
-    quantize_evaluate_save(out, results, model, calibration, config, evaluate_on_val, run_args, processor, note)
+    note = f"{config.num_samples} random images of {calib.source}"
+    quantize_evaluate_save(out, results, model, calibration, config, runtime, evaluate_on_val, run_args, processor, note)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from qdrop_hf.batches import padded_batches
-from qdrop_hf.cli import (HubRunArguments, QuantArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
+from qdrop_hf.tasks.cli import (HubRunArguments, UserError, check_output_dir, parse_args, quantize_evaluate_save,
                           recorded_arguments, run_main)
-from qdrop_hf.metrics import load_metric
-from qdrop_hf.qa import SquadDataError, check_windows, load_squad_file, postprocess_predictions, prepare_features
-from qdrop_hf.quantize import resolve_device
+from qdrop_hf.tasks.metrics import load_metric
+from qdrop_hf.tasks.qa import SquadDataError, check_windows, load_squad_file, postprocess_predictions, prepare_features
+from qdrop_hf.config import QDropConfig, RuntimeConfig
 
 logger = logging.getLogger("run_squad")
 
@@ -113,9 +113,9 @@ def calibration_batches(tokenizer, train, data: DataArguments, num_samples: int,
 
 
 def main():
-    model_args, data_args, quant_args, run_args = parse_args(ModelArguments, DataArguments, QuantArguments, HubRunArguments)
+    model_args, data_args, config, runtime, run_args = parse_args(ModelArguments, DataArguments, QDropConfig, RuntimeConfig,
+                                                                 HubRunArguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = quant_args.to_config()
     try:
         check_windows(data_args.max_seq_length, data_args.doc_stride)  # before any work
     except SquadDataError as err:
@@ -129,19 +129,19 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path)
-    calibration = calibration_batches(tokenizer, train, data_args, quant_args.num_samples, quant_args.batch_size,
-                                      quant_args.seed)
+    calibration = calibration_batches(tokenizer, train, data_args, config.num_samples, config.batch_size,
+                                      config.seed)
     features = prepare_features(tokenizer, validation, data_args.max_seq_length, data_args.doc_stride)
-    device = resolve_device(config)
+    device = runtime.resolved_device()
 
     def evaluate(model, desc):
         return evaluate_model(model, tokenizer, validation, features, data_args, device, desc)
 
-    results = {"config": recorded_arguments(model_args, data_args, quant_args, run_args),
+    results = {"config": recorded_arguments(model_args, data_args, config, runtime, run_args),
                "eval_questions": len(validation), "eval_windows": len(features["input_ids"])}
     source = data_args.train_file or f"{data_args.dataset_name} train split"
-    note = f"{quant_args.num_samples} random windows of {source}"
-    quantize_evaluate_save(out, results, model, calibration, config, evaluate, run_args, tokenizer, note)
+    note = f"{config.num_samples} random windows of {source}"
+    quantize_evaluate_save(out, results, model, calibration, config, runtime, evaluate, run_args, tokenizer, note)
 
 
 if __name__ == "__main__":

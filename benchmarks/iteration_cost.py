@@ -1,6 +1,6 @@
 """Cost of one QDrop reconstruction iteration / cost of one plain FP forward+backward of the same block.
 
-    python benchmarks/iteration_cost.py
+    python benchmarks/iteration_cost.py [--device cuda]
 
 Both are timed in the same run, same batch, same threads, under the allocator setting the engine's
 loop runs under, in alternating rounds (median ratio printed, with its range): the FP step computes the block's weight gradients of an MSE loss; the QDrop step is
@@ -29,6 +29,12 @@ from qdrop_hf.optim import Adam  # noqa: E402
 from qdrop_hf.reconstruct import calibrate_unit_acts, capture, reconstruction_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEVICE = torch.device(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(step, n):
@@ -36,20 +42,23 @@ def timed(step, n):
     with freed_memory_kept():
         for _ in range(3):
             step()
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             step()
+        sync()
         return (time.perf_counter() - start) / n
 
 
 def measure(name, model, batch, unit_index, n=20, rounds=5):
     config = QDropConfig(n_bits_w=4, n_bits_a=4)
-    model = copy.deepcopy(model)  # prepare_model installs quantizers in place; a model is measured more than once
-    plan = prepare_model(model, config, batch, "cpu")
+    model = copy.deepcopy(model).to(DEVICE)  # prepare_model installs quantizers in place; a model is measured more than once
+    batch = {k: v.to(DEVICE) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(DEVICE)
+    plan = prepare_model(model, config, batch, DEVICE)
     for layer in plan.layers:
         layer.weight_quantizer.init_range(layer.weight)
     unit = [u for u in plan.units if u.kind == "body"][unit_index]
-    cache = BlockCache.of(capture(model, unit.module, [batch], "cpu", with_output=True))
+    cache = BlockCache.of(capture(model, unit.module, [batch], DEVICE, with_output=True))
     args, kwargs = cache.inputs(cache.items[0])
     target, mask = cache.items[0][3], cache.items[0][4]
     weights = list(unit.module.parameters())
@@ -57,7 +66,7 @@ def measure(name, model, batch, unit_index, n=20, rounds=5):
     set_quant_state(unit.module, weights=True, acts=False)
     calibrate_unit_acts(unit, cache, "mse")
     alphas = [layer.weight_quantizer.start_adaround(layer.weight) for layer in unit.layers]
-    masks = DropMasks(0.5, torch.Generator().manual_seed(0))
+    masks = DropMasks(0.5, torch.Generator(device=DEVICE).manual_seed(0))
     for q in unit.act_quantizers:
         q.drop_masks = masks
     w_opt, a_opt = Adam(alphas, lr=1e-3), Adam([q.scale for q in unit.act_quantizers], lr=4e-5)
@@ -107,7 +116,8 @@ def measure(name, model, batch, unit_index, n=20, rounds=5):
 
 def main():
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
     from transformers import AutoModelForSequenceClassification, ResNetConfig, ResNetForImageClassification
 
     bert = AutoModelForSequenceClassification.from_pretrained(SHARED / "models" / "minilm-l6-sst2").eval()
@@ -117,15 +127,17 @@ def main():
                                                        layer_type="basic")).eval().requires_grad_(False)
     small = torch.randn(32, 3, 128, 128)
     measure("ResNet basic block 16ch (batch 32)", resnet, small, 1)
-    measure("  the same, channels-last", resnet, to_channels_last(small), 1)
-    from qdrop_hf.archs import build_arch
+    if DEVICE.type == "cpu":  # the layout is a CPU setting (mkldnn)
+        measure("  the same, channels-last", resnet, to_channels_last(small), 1)
+    from qdrop_hf.tasks.archs import build_arch
 
     lite = build_arch("efficientnet_lite0", default_weights=False).requires_grad_(False)
     images = torch.randn(32, 3, 224, 224)
     # QDropConfig.channels_last: the engine's default for convolutions on the CPU; contiguous before
     for unit in (1, 2):
         measure(f"EfficientNet-Lite0 MBConv {unit} (batch 32)", lite, images, unit)
-        measure("  the same, channels-last", lite, to_channels_last(images), unit)
+        if DEVICE.type == "cpu":
+            measure("  the same, channels-last", lite, to_channels_last(images), unit)
 
 
 if __name__ == "__main__":

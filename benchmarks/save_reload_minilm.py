@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qdrop_hf import QDropConfig, quantize_model  # noqa: E402
-from qdrop_hf.hf_integration import folder_size, save_quantized  # noqa: E402
+from qdrop_hf.integration.model_card import folder_size
+from qdrop_hf.integration.serialization import save_quantized  # noqa: E402
 from qdrop_hf.nn import QuantLayer  # noqa: E402
 
 MODEL = ROOT.parent / "shared" / "data" / "models" / "minilm-l6-sst2"
@@ -40,7 +41,7 @@ def main():
         save_quantized(model, tok, out)
         torch.save(probe, Path(tmp) / "probe.pt")
         code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r});"
-                "from qdrop_hf.hf_integration import load_quantized;"
+                "from qdrop_hf.integration.serialization import load_quantized;"
                 f"m = load_quantized({str(out)!r}); p = torch.load({str(Path(tmp) / 'probe.pt')!r}, weights_only=True);"
                 f"torch.save(m(**p).logits.detach(), {str(Path(tmp) / 'logits.pt')!r})")
         subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,9 @@
-"""Every knob of the method in one validated object.
+"""The settings of a run, in two validated objects.
 
-The field names are the seed's command-line names, so a config is the same thing whether it comes
-from ``run_*.py`` flags, a JSON file or Python code.
+``QDropConfig`` holds the method's settings: it is what a quantized model is saved with. Its field
+names are the reference implementation's command-line names, and the ``run_*.py`` scripts parse it
+directly (``HfArgumentParser``), so a config has the same defaults and meaning whether it comes from
+flags, a JSON file or Python code. ``RuntimeConfig`` holds how a run uses the machine; it is not saved.
 """
 from __future__ import annotations
 
@@ -63,62 +65,55 @@ class QDropConfig:
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
 
-    ``micro_batch_size`` is not the method's: it runs each ``batch_size`` batch in chunks with
-    accumulated gradients, the same update with a smaller batch's activation memory. ``cache_dtype``
-    ("float16" or "bfloat16") stores each block's cached inputs and outputs at half the memory;
-    ``cache_dir`` stores them in an unlinked temporary file in that directory, read back a batch at a
-    time (memory then holds one batch of the cache, not all of it).
-
-    ``channels_last`` lays the calibration images, and with them every activation the convolutions
-    pass on, out in channels-last memory order, on which mkldnn's CPU convolutions run faster
-    (EfficientNet-Lite0's reconstruction 1.35x, ResNet-20's 1.15x; ``benchmarks/iteration_cost.py``).
-    ``None``: on for models with 2-D convolutions on the CPU unless ``compile``, off elsewhere. The
-    quantized model is the same kind of result either way, not the same bits: the convolutions sum in
-    another order and a drop mask falls on other elements, as on another machine.
+    Settings that change how a run uses the machine but not which model it makes (device, kernels,
+    memory layout, cache placement) live in ``RuntimeConfig``: they are not saved with the model.
     """
 
-    n_bits_w: int = 4
-    n_bits_a: int = 4
-    channel_wise: bool = True
-    act_quant: bool = True
-    order: str = "together"
-    wwq: bool = True
-    waq: bool = True
-    awq: bool = True
-    aaq: bool = True
-    weight: float = 0.01
-    prob: float = 0.5
-    input_prob: float = 0.5
-    input_drop: str = "float"
-    iters_w: int = 20000
-    batch_size: int = 32
-    micro_batch_size: int | None = None
-    cache_dtype: str | None = None
-    cache_dir: str | None = None
-    num_samples: int = 1024
-    lr: float = 4e-5
-    round_lr: float | None = None
-    bias_correction: bool | None = None
-    depthwise_range: str | None = None
-    warmup: float = 0.2
-    b_start: float = 20.0
-    b_end: float = 2.0
-    init_wmode: str = "mse"
-    init_amode: str = "mse"
-    disable_8bit_head_stem: bool = False
-    seed: int = 1005
-    device: str | None = None
-    compile: bool = False
-    channels_last: bool | None = None
-    keep_fp_modules: list[str] = field(default_factory=list)
+    n_bits_w: int = field(default=4, metadata={"help": "weight bits (2-8)"})
+    n_bits_a: int = field(default=4, metadata={"help": "activation bits (2-8)"})
+    channel_wise: bool = field(default=True, metadata={"help": "per-output-channel weight quantization"})
+    act_quant: bool = field(default=True, metadata={"help": "quantize activations"})
+    order: str = field(default="together", metadata={"help": "when activation ranges are set: before|after|together"})
+    wwq: bool = field(default=True, metadata={
+        "help": "reconstruct each block on inputs from the model with the earlier blocks' weights quantized"})
+    waq: bool = field(default=True, metadata={
+        "help": "reconstruct each block on inputs from the model with the earlier activations quantized"})
+    awq: bool = field(default=True, metadata={"help": "whole-model activation calibration with weights quantized"})
+    aaq: bool = field(default=True, metadata={
+        "help": "whole-model activation calibration with the earlier activations quantized"})
+    weight: float = field(default=0.01, metadata={"help": "weight of the AdaRound rounding loss"})
+    prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping an activation quantized (1: No Drop)"})
+    input_prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping a block-input element quantized"})
+    input_drop: str = field(default="float", metadata={
+        "help": "what a dropped block-input element becomes: float (the float model's value, as the reference "
+                "implementation) or unquantized (the quantized model's own value before its activation quantizer)"})
+    iters_w: int = field(default=20000, metadata={"help": "reconstruction iterations per block (0: round-to-nearest)"})
+    batch_size: int = field(default=32, metadata={"help": "reconstruction mini-batch size"})
+    num_samples: int = field(default=1024, metadata={"help": "calibration samples"})
+    lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
+    round_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})
+    bias_correction: bool | None = field(default=None, metadata={
+        "help": "subtract the mean output shift that weight rounding causes from each layer's bias "
+                "(default: on for networks of depthwise convolutions)"})
+    depthwise_range: str | None = field(default=None, metadata={
+        "help": "depthwise kernels' ranges from the weights' own error (weight) or the error at the kernel's output "
+                "(output; the default for networks of depthwise convolutions)"})
+    warmup: float = field(default=0.2, metadata={"help": "fraction of the iterations without the rounding loss"})
+    b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
+    b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end of annealing"})
+    init_wmode: str = field(default="mse", metadata={"help": "weight range initialisation: mse|minmax"})
+    init_amode: str = field(default="mse", metadata={"help": "activation range initialisation: mse|minmax"})
+    disable_8bit_head_stem: bool = field(default=False, metadata={"help": "quantize stem and head like the body, not at 8 bits"})
+    seed: int = field(default=1005, metadata={"help": "random seed (calibration sampling, drop masks)"})
+    keep_fp_modules: list[str] = field(default_factory=list, metadata={
+        "help": "module names (fnmatch patterns) left in float"})
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        def bad(name, why):
-            raise QDropConfigError(f"invalid QDrop config: {name}={getattr(self, name)!r}: {why}")
-
+        bad = _complaint(self)
         for name in ("n_bits_w", "n_bits_a"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
@@ -131,9 +126,8 @@ class QDropConfig:
             bad("input_drop", f"choose one of {INPUT_DROPS}")
         if self.order not in ORDERS:
             bad("order", f"choose one of {ORDERS}")
-        for name in ("bias_correction", "channels_last"):
-            if getattr(self, name) not in (None, True, False):
-                bad(name, "True, False, or None for the default")
+        if self.bias_correction not in (None, True, False):
+            bad("bias_correction", "True, False, or None for the default")
         if self.depthwise_range not in (None,) + DEPTHWISE_RANGES:
             bad("depthwise_range", f"choose one of {DEPTHWISE_RANGES}, or None for the model family's default")
         for name in ("init_wmode", "init_amode"):
@@ -144,12 +138,6 @@ class QDropConfig:
         for name in ("batch_size", "num_samples"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            bad("micro_batch_size", "must be >= 1, or None for the whole batch")
-        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
-            bad("cache_dtype", f"choose one of {CACHE_DTYPES}, or None to cache in the model's precision")
-        if self.cache_dir is not None and not (os.path.isdir(self.cache_dir) and os.access(self.cache_dir, os.W_OK)):
-            bad("cache_dir", "not a writable directory")
         if not 0.0 <= self.warmup < 1.0:
             bad("warmup", "the warm-up is a fraction of the iterations, in [0, 1)")
         if self.b_start < self.b_end or self.b_end < 1:
@@ -174,10 +162,7 @@ class QDropConfig:
         return min(1e-1, max(1e-3, 50 / max(self.iters_w, 1)))
 
     def to_dict(self) -> dict:
-        """The settings that made the result; ``cache_dir``, a scratch place on one machine, is left out."""
-        values = dataclasses.asdict(self)
-        values.pop("cache_dir")
-        return values
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "QDropConfig":
@@ -195,3 +180,50 @@ class QDropConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+REFERENCE_SWITCHES = ("channel_wise", "act_quant", "wwq", "waq", "awq", "aaq")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run uses the machine: where it runs, which kernels, how it holds its caches. None of this
+    changes which model QDrop makes (channels-last and the device change the summation order, as
+    another machine would), so none of it is saved with the quantized model."""
+
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    compile: bool = field(default=False, metadata={"help": "fuse the fake-quant kernels with torch.compile"})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "channels-last activations for 2-D convolutions (default: on the CPU without compile, where "
+                "mkldnn runs them faster)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "run each reconstruction batch in chunks of this many samples, gradients accumulated: the same "
+                "update with a smaller batch's activation memory"})
+    cache_dtype: str | None = field(default=None, metadata={
+        "help": "store block caches in float16 or bfloat16 (half the memory; default: the model's precision)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "keep block caches in an unlinked temporary file in this directory, read back a batch at a time"})
+
+    def __post_init__(self):
+        bad = _complaint(self, "runtime setting")
+        if self.channels_last not in (None, True, False):
+            bad("channels_last", "True, False, or None for the default")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            bad("micro_batch_size", "must be >= 1, or None for the whole batch")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            bad("cache_dtype", f"choose one of {CACHE_DTYPES}, or None to cache in the model's precision")
+        if self.cache_dir is not None and not (os.path.isdir(self.cache_dir) and os.access(self.cache_dir, os.W_OK)):
+            bad("cache_dir", "not a writable directory")
+
+    def resolved_device(self):
+        import torch
+
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _complaint(obj, what: str = "QDrop config"):
+    def bad(name, why):
+        raise QDropConfigError(f"invalid {what}: {name}={getattr(obj, name)!r}: {why}")
+    return bad

@@ -26,9 +26,20 @@ _state: dict = {}
 
 def fake_quant_kernels():
     """The compiled module, or None where it cannot be had (then a warning says why, once)."""
-    if "module" not in _state:
-        _state["module"] = _build() if os.environ.get("QDROP_NATIVE", "1") != "0" else None
-    return _state["module"]
+    if os.environ.get("QDROP_NATIVE", "1") == "0":
+        return None
+    return build_kernels("native")
+
+
+def build_kernels(march: str = "native"):
+    """The module built for ``-march=<march>`` on x86 (``native``: this CPU; ``x86-64-v3``: AVX2
+    without AVX-512, the code path of an AMD EPYC), cached per target; None where the build fails.
+
+    The tests build both x86 targets, so that an AVX-512 machine also checks the AVX2 code's values.
+    """
+    if march not in _state:
+        _state[march] = _build(march)
+    return _state[march]
 
 
 def _cpu_tag() -> str:
@@ -40,7 +51,7 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-def _build():
+def _build(march: str):
     try:
         from torch.utils.cpp_extension import load
 
@@ -49,7 +60,9 @@ def _build():
         name = f"qdrop_fake_quant_{platform.machine()}_{_cpu_tag()}"
         flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
         if platform.machine() in ("x86_64", "AMD64"):
-            flags.append("-march=native")
+            flags.append(f"-march={march}")
+            if march != "native":
+                name += "_" + march.replace("-", "_")
         # ATen's parallel_for is inlined OpenMP: without -fopenmp it runs on one thread. The library
         # then needs libgomp.so.1, which resolves to the copy torch has already loaded.
         openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []

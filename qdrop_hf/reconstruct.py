@@ -322,8 +322,9 @@ class RoundingSchedule:
 
 
 def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_act: bool, seed: int,
-                     progress: bool = True) -> dict:
-    """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs."""
+                     progress: bool = True, micro_batch_size: int | None = None) -> dict:
+    """Fit the unit's rounding (and, if ``learn_act``, its activation steps) to its float outputs;
+    ``micro_batch_size`` runs each batch in chunks with accumulated gradients (the same update)."""
     device = cache.device
     seed += 7919 * distributed.rank()  # each process samples its own batches and masks
     per_process_batch = max(1, config.batch_size // distributed.world_size())  # batch_size stays the global batch
@@ -351,7 +352,7 @@ def reconstruct_unit(unit: Unit, cache: BlockCache, config: QDropConfig, learn_a
                 for opt in (w_opt, a_opt):
                     if opt is not None:
                         opt.zero_grad()
-                parts = micro_batches(item, config.micro_batch_size)
+                parts = micro_batches(item, micro_batch_size)
                 rec = torch.zeros(())
                 for j, part in enumerate(parts):  # gradients accumulate; the last part adds the rounding loss
                     args, kwargs = cache.inputs(part, input_masks)

@@ -24,8 +24,8 @@ import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, get_linear_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qdrop_hf.cli import parse_args  # noqa: E402
-from qdrop_hf.qa import load_squad_file, prepare_features, split_by_article  # noqa: E402
+from qdrop_hf.tasks.cli import parse_args  # noqa: E402
+from qdrop_hf.tasks.qa import load_squad_file, prepare_features, split_by_article  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
 

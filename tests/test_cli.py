@@ -3,7 +3,7 @@ import errno
 
 import pytest
 
-from qdrop_hf.cli import UserError, check_output_dir, write_outputs
+from qdrop_hf.tasks.cli import UserError, check_output_dir, write_outputs
 
 
 def test_outputs_are_moved_in_only_when_everything_was_written(tmp_path):

@@ -19,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_reconstruction_matches_one_process(shared_data, tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:

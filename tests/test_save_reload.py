@@ -1,5 +1,6 @@
 """Save a quantized model, reload it in a fresh process, get bit-identical logits."""
 import json
+from dataclasses import fields
 import subprocess
 import sys
 
@@ -8,14 +9,14 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT, image_batches, text_batches, tiny_bert, tiny_resnet
-from qdrop_hf import QDropConfig, quantize_model
-from qdrop_hf.hf_integration import load_quantized, save_quantized
-from qdrop_hf.packing import pack_codes, unpack_codes
+from qdrop_hf import QDropConfig, RuntimeConfig, quantize_model
+from qdrop_hf.integration.serialization import load_quantized, save_quantized
+from qdrop_hf.integration.packing import pack_codes, unpack_codes
 
 RELOAD = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from qdrop_hf.hf_integration import load_quantized
+from qdrop_hf.integration.serialization import load_quantized
 model = load_quantized({path!r})
 inputs = torch.load({inputs!r}, weights_only=True)
 with torch.no_grad():
@@ -33,7 +34,7 @@ def test_pack_round_trip_and_size(n_bits):
 
 
 def cifar_resnet20():
-    from qdrop_hf.archs import build_arch
+    from qdrop_hf.tasks.archs import build_arch
 
     torch.manual_seed(0)
     return build_arch("resnet20")
@@ -57,9 +58,11 @@ def test_reload_in_fresh_process_gives_identical_logits(tmp_path, make_model, ma
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
     files = sorted(p.name for p in (tmp_path / "q").iterdir())
-    assert files == ["README.md", "config.json", "model.safetensors"]
+    assert files == ["README.md", "config.json", "model.safetensors", "reconstruction.png"]
+    assert (tmp_path / "q" / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "qdrop" and saved["n_bits_w"] == 3
+    assert not set(saved) & {f.name for f in fields(RuntimeConfig)}  # runtime settings stay out of the model
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     packed = [k for k in keys if k.endswith("weight_quantizer.packed")]
@@ -93,7 +96,7 @@ def test_automodel_from_pretrained_rebuilds_the_quantized_model(tmp_path):
 def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from qdrop_hf.hf_quantizer import QDropQuantizationConfig
+    from qdrop_hf.integration.hf_quantizer import QDropQuantizationConfig
 
     tiny_bert().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="pre-quantized"):
@@ -103,7 +106,7 @@ def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):
 def test_model_card_and_exactly_the_files_an_upload_carries(tmp_path):
     from transformers import BertTokenizerFast
 
-    from qdrop_hf.hf_integration import upload_files
+    from qdrop_hf.integration.hub import upload_files
 
     model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
                            progress=False)
@@ -119,5 +122,5 @@ def test_model_card_and_exactly_the_files_an_upload_carries(tmp_path):
     for needle in ("W4A8", "4-bit, per output channel", "256 random rows of train.tsv", "| accuracy | 0.8760 | 0.8740 |",
                    "import qdrop_hf", "BertForSequenceClassification.from_pretrained", "library_name: transformers"):
         assert needle in card, needle
-    assert upload_files(out) == ["README.md", "config.json", "model.safetensors", "results.json", "tokenizer.json",
-                                 "tokenizer_config.json"]
+    assert upload_files(out) == ["README.md", "config.json", "model.safetensors", "reconstruction.png", "results.json",
+                                 "tokenizer.json", "tokenizer_config.json"]

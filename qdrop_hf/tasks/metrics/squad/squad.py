@@ -1,7 +1,7 @@
 """SQuAD v1.1: exact match and token F1 (percent), each the best over a question's gold answers."""
 import evaluate
 
-from qdrop_hf.metrics.squad_scoring import best_over_golds, exact, f1, metric_info, predictions_by_id
+from qdrop_hf.tasks.metrics.squad_scoring import best_over_golds, exact, f1, metric_info, predictions_by_id
 
 
 class Squad(evaluate.Metric):

@@ -1,8 +1,10 @@
-"""What the three ``run_*.py`` scripts share: the quantization arguments (the seed's flag names),
-argument parsing (flags or one JSON file), user-facing errors, and writing results.
+"""What the three ``run_*.py`` scripts share: argument parsing (flags or one JSON file, with
+``QDropConfig`` and ``RuntimeConfig`` parsed as they are), user-facing errors, and writing results.
 
-The switches ``--channel_wise --act_quant --wwq --waq --awq --aaq`` are off unless given, exactly as
-in the seed's ``main_imagenet.py``, so its Case 1/2/3 and No-Drop lines mean what they meant there.
+The switches ``--channel_wise --act_quant --wwq --waq --awq --aaq`` are on by default, as in Python.
+A command line written in the reference implementation's style, which names some of them as bare
+flags (``--order after --wwq --awq --aaq``), means what it meant there: the switches it names are
+on and the others off, so its Case 1/2/3 and No-Drop lines run the same experiments.
 """
 from __future__ import annotations
 
@@ -12,18 +14,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from . import distributed
-from .batches import CalibrationDataError
-from .checkpoint import Checkpoint, ResumeError
-from .config import QDropConfig, QDropConfigError
-from .families import UnsupportedModelError
-from .hf_integration import push_to_hub, save_quantized
-from .quantize import quantize_model
+from .. import distributed
+from ..batches import CalibrationDataError
+from ..checkpoint import Checkpoint, ResumeError
+from ..config import REFERENCE_SWITCHES, QDropConfig, QDropConfigError, RuntimeConfig
+from ..families import UnsupportedModelError
+from ..integration.hub import push_to_hub
+from ..integration.serialization import save_quantized
+from ..quantize import quantize_model
 
 
 class UserError(Exception):
@@ -31,60 +34,6 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError, ResumeError)
-
-
-@dataclass
-class QuantArguments:
-    n_bits_w: int = field(default=4, metadata={"help": "weight bits (2-8)"})
-    n_bits_a: int = field(default=4, metadata={"help": "activation bits (2-8)"})
-    channel_wise: bool = field(default=False, metadata={"help": "per-output-channel weight quantization"})
-    act_quant: bool = field(default=False, metadata={"help": "quantize activations"})
-    order: str = field(default="together", metadata={"help": "activation calibration order: before|after|together"})
-    wwq: bool = field(default=False, metadata={"help": "weight reconstruction sees inputs with earlier weights quantized"})
-    waq: bool = field(default=False, metadata={"help": "weight reconstruction sees inputs with earlier activations quantized"})
-    awq: bool = field(default=False, metadata={"help": "activation calibration with weights quantized"})
-    aaq: bool = field(default=False, metadata={"help": "activation calibration with earlier activations quantized"})
-    weight: float = field(default=0.01, metadata={"help": "weight of the AdaRound rounding loss"})
-    prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping an activation quantized"})
-    input_prob: float = field(default=0.5, metadata={"help": "QDrop: probability of keeping the block input quantized"})
-    input_drop: str = field(default="float", metadata={
-        "help": "QDrop: a dropped block-input element takes the float model's value (float, the reference "
-                "implementation) or the quantized model's own value before its activation quantizer (unquantized)"})
-    num_samples: int = field(default=1024, metadata={"help": "calibration samples"})
-    iters_w: int = field(default=20000, metadata={"help": "reconstruction iterations per block (0: round-to-nearest)"})
-    batch_size: int = field(default=32, metadata={"help": "reconstruction mini-batch size"})
-    micro_batch_size: int | None = field(default=None, metadata={
-        "help": "run each reconstruction batch in chunks of this many samples, gradients accumulated: the same "
-                "update with the activation memory of a smaller batch"})
-    cache_dtype: str | None = field(default=None, metadata={
-        "help": "store block caches in float16 or bfloat16 (half the cache memory; default: the model's precision)"})
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "keep block caches in a temporary file in this directory, read back a batch at a time "
-                "(memory holds one batch of a cache instead of all of it)"})
-    lr: float = field(default=4e-5, metadata={"help": "learning rate of the activation steps (LSQ)"})
-    round_lr: float | None = field(default=None, metadata={
-        "help": "learning rate of the AdaRound variables (default: 50 / iters_w, within [1e-3, 0.1])"})
-    bias_correction: bool | None = field(default=None, metadata={
-        "help": "subtract the mean output shift that weight rounding causes (dW·E[x]) from each layer's float bias "
-                "(default: on for networks of depthwise convolutions: MobileNetV2, MNasNet, EfficientNet-Lite)"})
-    depthwise_range: str | None = field(default=None, metadata={
-        "help": "depthwise kernels' ranges: weight (the weights' own error, as every other layer) or output (the "
-                "error at the kernel's output on the calibration data; default for networks of depthwise convolutions)"})
-    warmup: float = field(default=0.2, metadata={"help": "fraction of iterations without the rounding loss"})
-    b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
-    b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end"})
-    init_wmode: str = field(default="mse", metadata={"help": "weight range init: mse|minmax"})
-    init_amode: str = field(default="mse", metadata={"help": "activation range init: mse|minmax"})
-    disable_8bit_head_stem: bool = field(default=False, metadata={"help": "do not keep stem/head at 8 bits"})
-    seed: int = field(default=1005, metadata={"help": "random seed (calibration sampling, drop masks)"})
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    compile: bool = field(default=False, metadata={"help": "fuse fake-quant kernels with torch.compile"})
-    channels_last: bool | None = field(default=None, metadata={
-        "help": "calibrate and reconstruct with channels-last activations (default: for 2-D convolutions on the CPU, "
-                "where mkldnn runs them faster)"})
-
-    def to_config(self) -> QDropConfig:
-        return QDropConfig.from_saved(vars(self))
 
 
 @dataclass
@@ -115,8 +64,8 @@ class HubRunArguments(RunArguments):
         logging.getLogger("qdrop_hf").info("pushed to %s", url)
 
 
-def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, skip_fp_eval: bool,
-                          checkpoint: Checkpoint | None = None):
+def quantize_and_evaluate(model, calibration, config: QDropConfig, runtime: RuntimeConfig, evaluate,
+                          skip_fp_eval: bool, checkpoint: Checkpoint | None = None):
     """FP evaluation (unless skipped), QDrop (resumable through ``checkpoint``), quantized evaluation;
     returns the model and the results entries every script writes: ``fp``, ``quant``, ``time_s`` and
     the per-block ``blocks`` report."""
@@ -128,7 +77,7 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, ski
         times["fp_eval"] = time.perf_counter() - t
         logger.info("FP: %s", results["fp"])
     t = time.perf_counter()
-    model = quantize_model(model, calibration, config, checkpoint=checkpoint)
+    model = quantize_model(model, calibration, config, checkpoint=checkpoint, runtime=runtime)
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     results["quant"] = evaluate(model, "eval quantized")
@@ -139,13 +88,14 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, evaluate, ski
     return model, results
 
 
-def quantize_evaluate_save(out: Path, results: dict, model, calibration, config: QDropConfig, evaluate,
-                           run_args: HubRunArguments, preprocessor, calibration_note: str) -> None:
+def quantize_evaluate_save(out: Path, results: dict, model, calibration, config: QDropConfig, runtime: RuntimeConfig,
+                           evaluate, run_args: HubRunArguments, preprocessor, calibration_note: str) -> None:
     """What every script does once model and data are loaded: FP evaluation, resumable QDrop and the
     quantized evaluation; then ``results.json`` and the quantized model written (main process only,
     all or nothing), the resume checkpoint removed and, when asked, the upload."""
     checkpoint = run_checkpoint(out, results["config"])
-    model, measured = quantize_and_evaluate(model, calibration, config, evaluate, run_args.skip_fp_eval, checkpoint)
+    model, measured = quantize_and_evaluate(model, calibration, config, runtime, evaluate, run_args.skip_fp_eval,
+                                            checkpoint)
     results.update(measured)
     write_outputs(out, results, lambda folder: save_quantized(model, preprocessor, folder, results,
                                                               calibration=calibration_note))
@@ -160,12 +110,38 @@ def recorded_arguments(*argument_sets) -> dict:
     return merged
 
 
-def parse_args(*dataclass_types):
-    """Flags, or a single ``.json`` file holding them, as transformers' example scripts accept."""
+def parse_args(*dataclass_types, argv: list[str] | None = None):
+    """Flags, or a single ``.json`` file holding them, as transformers' example scripts accept; a
+    command line in the reference implementation's style turns the reference switches it does not name off."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(dataclass_types)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    off = reference_style_off(argv)
+    for values in parsed:
+        if isinstance(values, QDropConfig) and off:
+            for name in off:
+                setattr(values, name, False)
+            values.validate()
+    return parsed
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
+
+
+def reference_style_off(argv: list[str]) -> list[str]:
+    """The reference switches a reference-style command line leaves off: where any of them stands as a
+    bare flag (``--wwq``, no value after it), those not named at all; otherwise none."""
+    bare, named = set(), set()
+    for i, token in enumerate(argv):
+        for name in REFERENCE_SWITCHES:
+            if token in (f"--{name}", f"--no_{name}") or token.startswith(f"--{name}="):
+                named.add(name)
+                following = argv[i + 1].lower() if i + 1 < len(argv) else None
+                if token == f"--{name}" and following not in _BOOL_WORDS:
+                    bare.add(name)
+    return [name for name in REFERENCE_SWITCHES if name not in named] if bare else []
 
 
 def run_main(main) -> None:
@@ -184,7 +160,7 @@ def run_main(main) -> None:
 CHECKPOINT_DIR = "qdrop_checkpoint"
 # Arguments that do not change the quantized model: a run may resume with them changed.
 NOT_IN_IDENTITY = {"output_dir", "overwrite_output_dir", "skip_fp_eval", "push_to_hub", "hub_model_id",
-                   "eval_batch_size", "max_eval_samples"}
+                   "eval_batch_size", "max_eval_samples", *(f.name for f in fields(RuntimeConfig))}
 
 
 def check_output_dir(path: str, overwrite: bool) -> Path:

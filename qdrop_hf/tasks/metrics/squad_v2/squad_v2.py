@@ -3,7 +3,7 @@ best no-answer threshold (``best_exact``/``best_f1`` and their ``_thresh``) from
 ``no_answer_probability``."""
 import evaluate
 
-from qdrop_hf.metrics.squad_scoring import best_over_golds, best_threshold, exact, f1, metric_info, predictions_by_id
+from qdrop_hf.tasks.metrics.squad_scoring import best_over_golds, best_threshold, exact, f1, metric_info, predictions_by_id
 
 
 class SquadV2(evaluate.Metric):

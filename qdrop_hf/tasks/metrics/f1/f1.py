@@ -2,7 +2,7 @@
 import evaluate
 import numpy as np
 
-from qdrop_hf.metrics.info import pairwise_info
+from qdrop_hf.tasks.metrics.info import pairwise_info
 
 
 class F1(evaluate.Metric):

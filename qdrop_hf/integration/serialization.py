@@ -8,7 +8,6 @@ activation steps. Only safetensors are written or read: loading never unpickles 
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
@@ -17,13 +16,15 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .archs import build_arch
-from .config import QDropConfig
-from .families import find_family
-from .nn import QuantLayer
+from ..tasks.archs import build_arch
+from .model_card import model_card
+from .plots import PLOT_NAME, reconstruction_plot
+from ..config import QDropConfig
+from ..families import find_family
+from ..nn import QuantLayer
 from .packing import pack_codes, unpack_codes
-from .plan import install_quantizers, set_quant_state
-from .quantizers import ActQuantizer, WeightQuantizer
+from ..plan import install_quantizers, set_quant_state
+from ..quantizers import ActQuantizer, WeightQuantizer
 
 WEIGHTS_NAME = "model.safetensors"
 # transformers alone does not know "qdrop": it warns, skips the quantization and leaves the layers
@@ -74,6 +75,9 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
     save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    report = getattr(model, "qdrop_report", None)
+    if report and report.get("units"):
+        reconstruction_plot(report["units"], output_dir / PLOT_NAME)
     (output_dir / "README.md").write_text(model_card(model, results, calibration, output_dir))
 
 
@@ -147,69 +151,3 @@ def load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]
                 layer._buffers["weight"] = weight
             else:
                 layer.weight.data = weight
-
-
-def folder_size(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
-
-
-# What an upload carries: the model, its config and card, tokenizer/processor files, and results.json.
-UPLOAD_PATTERNS = ["config.json", WEIGHTS_NAME, "README.md", "results.json", "tokenizer*", "vocab*", "merges.txt",
-                   "special_tokens_map.json", "spiece.model", "preprocessor_config.json"]
-
-
-def upload_files(folder: str | Path) -> list[str]:
-    """The files of ``folder`` that ``push_to_hub`` uploads (sorted)."""
-    names = [p.name for p in Path(folder).iterdir() if p.is_file()]
-    return sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in UPLOAD_PATTERNS))
-
-
-def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Create ``repo_id`` if needed and upload the quantized folder through huggingface_hub; returns the URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=upload_files(folder),
-                               commit_message="Upload QDrop-quantized model")
-    return str(getattr(commit, "commit_url", commit))
-
-
-def model_card(model, results: dict | None, calibration: str | None, folder: Path) -> str:
-    """A model card: method, bits, calibration data, FP vs quantized metrics, and how to load it."""
-    cfg = model.qdrop_config
-    acts = f"A{cfg.n_bits_a}" if cfg.act_quant else "A32 (float activations)"
-    hf = hasattr(model, "config")
-    name = (getattr(model.config, "_name_or_path", "") if hf else model.qdrop_arch) or type(model).__name__
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"tags: [qdrop, quantized, post-training-quantization, w{cfg.n_bits_w}]",
-        "---",
-        f"# {name} — QDrop W{cfg.n_bits_w}{acts}",
-        "",
-        "Post-training quantized with qdrop_hf, using [QDrop](https://arxiv.org/abs/2203.05740) (AdaRound weights, "
-        "LSQ activations, block reconstruction with random quantization drop).",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| weights | {cfg.n_bits_w}-bit, {'per output channel' if cfg.channel_wise else 'per tensor'}, "
-        "learned rounding, stored bit-packed |",
-        f"| activations | {acts}, per tensor, learned step |",
-        f"| stem/head | {'as the body' if cfg.disable_8bit_head_stem else '8-bit'} |",
-        f"| drop probabilities | prob={cfg.prob}, input_prob={cfg.input_prob} (dropped input: {cfg.input_drop}) |",
-        f"| reconstruction | order={cfg.order}, {cfg.iters_w} iterations/block, batch {cfg.batch_size} |",
-        f"| calibration | {calibration or f'{cfg.num_samples} samples'} |",
-        f"| folder size | {folder_size(folder) / 1e6:.1f} MB |",
-    ]
-    if results and "quant" in results:
-        lines += ["", "## Evaluation", "", "| metric | full precision | quantized |", "|---|---|---|"]
-        for metric, value in results["quant"].items():
-            fp = results.get("fp", {}).get(metric)
-            lines.append(f"| {metric} | {'-' if fp is None else f'{fp:.4f}'} | {value:.4f} |")
-    cls = type(model).__name__
-    load = ([f"from transformers import {cls}", f"model = {cls}.from_pretrained(\"<this repo>\")"] if hf else
-            ["from qdrop_hf.hf_integration import load_quantized", "model = load_quantized(\"<local copy of this repo>\")"])
-    lines += ["", "## Loading", "", "```python", "import qdrop_hf  # registers quant_method 'qdrop' with transformers",
-              *load, "```", ""]
-    return "\n".join(lines)

@@ -14,10 +14,10 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                          register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .config import QDropConfig
-from .hf_integration import PACKED, finish_loading, install_saved_quantizers
-from .nn import QuantLayer
-from .quantizers import WeightQuantizer
+from ..config import QDropConfig
+from .serialization import PACKED, finish_loading, install_saved_quantizers
+from ..nn import QuantLayer
+from ..quantizers import WeightQuantizer
 
 METHOD = "qdrop"
 
@@ -75,7 +75,7 @@ class QDropHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self):
-        return False  # save with qdrop_hf.hf_integration.save_quantized, which packs the integer weights
+        return False  # save with qdrop_hf.integration.serialization.save_quantized, which packs the integer weights
 
     @property
     def is_trainable(self):
