@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Quantize an image classifier with QDrop and evaluate top-1/top-5 — the seed's ImageNet experiment.
+"""Quantize an image classifier with QDrop and evaluate top-1/top-5 — the reference implementation's ImageNet experiment.
 
     python run_imagenet.py --arch resnet18 --weights resnet18_imagenet.pth.tar --data_path /data/imagenet \
         --n_bits_w 2 --channel_wise --n_bits_a 2 --act_quant --order together --wwq --waq --awq --aaq \
         --weight 0.01 --input_prob 0.5 --prob 0.5 --output_dir outputs/r18-w2a2
 
-Models: ``--arch`` names a built-in network (``qdrop_hf.tasks.archs``: the seed's resnet18, resnet50,
+Models: ``--arch`` names a built-in network (``qdrop_hf.tasks.archs``: the reference implementation's resnet18, resnet50,
 mobilenetv2, regnetx_600m, regnetx_3200m, mnasnet; efficientnet_lite0; CIFAR resnet20/32/44/56) with
 ``--weights``; or ``--model_name_or_path`` any Hugging Face image classifier (ResNet, RegNet,
 MobileNetV2, ViT), preprocessed by its own image processor.
 
-Data: ``--data_path`` with ``train/`` and ``val/`` class folders (as the seed); ``--train_dir`` and
+Data: ``--data_path`` with ``train/`` and ``val/`` class folders (as the reference implementation); ``--train_dir`` and
 ``--validation_dir`` (class folders, or a flat folder of ``<wnid>_*.JPEG`` labelled by the sorted wnid
 list); ``--dataset_name`` from the Hub. ``--num_calib_from_validation N`` takes N seeded images out of
 the validation set for calibration and evaluates on the rest. Writes ``<output_dir>/results.json``

@@ -10,7 +10,7 @@ in CACHE_DTYPE (float16 or bfloat16) when given, and in a temporary file in CACH
 overcount). RSS is sampled every 2 ms in a thread. Printed:
 
 * the peak during ``quantize_model`` minus the RSS before the model was loaded (interpreter, torch,
-  transformers), against model bytes + 2 x the largest block cache (the issue-7 target);
+  transformers), against model bytes + 2 x the largest block cache;
 * where it goes: the one-off cost of the first forward pass (oneDNN/MKL workspaces, measured on a
   float forward before quantizing), the RSS at the start of each unit's reconstruction (model + that
   unit's cache + the rest alive) and the largest rise above it during the loop (autograd

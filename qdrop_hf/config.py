@@ -28,7 +28,7 @@ class QDropConfig:
     """QDrop post-training quantization settings.
 
     Bits, rounding and activation learning follow the QDrop paper; ``order`` and the four
-    ``wwq/waq/awq/aaq`` switches reproduce the seed's ablations:
+    ``wwq/waq/awq/aaq`` switches reproduce the reference implementation's ablations:
 
     * ``order="together"``: activation steps are initialised per block and learned jointly with the
       AdaRound variables (QDrop and No-Drop).

@@ -317,7 +317,7 @@ def init_depthwise_ranges(model: nn.Module, plan: QuantPlan, batches: list, devi
 
 
 def calibrate_model_acts(model: nn.Module, plan: QuantPlan, batches: list, device, progressive: bool, mode: str) -> None:
-    """Whole-model activation ranges (the seed's Case 1/2).
+    """Whole-model activation ranges (the reference implementation's Case 1/2).
 
     ``progressive``: unit by unit, each seeing the already-quantized activations before it (``aaq``);
     otherwise all at once on the un-quantized activations.

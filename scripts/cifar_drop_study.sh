@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # QDrop against No-Drop on CIFAR-10 ResNet-20 (README and docs/cifar_resnet20_study.md), ITERS iterations per
-# block, 1024 calibration images (the seed picks them, and the drop masks), all 10,000 test images.
+# block, 1024 calibration images (--seed picks them, and the drop masks), all 10,000 test images.
 #   seeds:    W2A4 and W2A2 over SEEDS and DROPS (--prob/--input_prob pairs): QDrop (0.5/0.5), No-Drop
 #             (1/1), and QDrop with the block input kept quantized (0.5/1)
 #   ablation: which drop costs at W2A2: activations inside the block (prob) or the block input (input_prob)

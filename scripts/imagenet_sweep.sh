@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed's config.sh: one runnable run.sh per architecture x bit setting, with the seed's per-arch
+# The reference implementation's config.sh: one runnable run.sh per architecture x bit setting, with the reference implementation's per-arch
 # rounding-loss weights (BRECQ's hyper-parameters), written under OUT/w<W>a<A>/<arch>/run.sh.
 # Usage: bash scripts/imagenet_sweep.sh DATA_PATH [WEIGHTS_DIR] [OUT]
 #   DATA_PATH: ImageNet with train/ and val/; WEIGHTS_DIR: <arch>.pth checkpoints (omit for the

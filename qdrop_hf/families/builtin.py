@@ -1,4 +1,4 @@
-"""The built-in ``--arch`` networks (qdrop_hf.tasks.archs): CIFAR ResNets, the seed's ImageNet six and
+"""The built-in ``--arch`` networks (qdrop_hf.tasks.archs): CIFAR ResNets, the reference implementation's ImageNet six and
 EfficientNet-Lite0.
 
 Blocks are those of the method: basic/bottleneck residual blocks, inverted residuals (MobileNetV2,

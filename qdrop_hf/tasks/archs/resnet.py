@@ -1,5 +1,5 @@
 """ImageNet ResNet-18/50 with torchvision's parameter names (``conv1, bn1, layerN.M.convK/bnK,
-layerN.M.downsample.{0,1}, fc``), which the seed's and torchvision's checkpoints use. Two variants
+layerN.M.downsample.{0,1}, fc``), which the reference implementation's and torchvision's checkpoints use. Two variants
 some checkpoints carry are read off the weights: a deep stem (three 3x3 convolutions in ``conv1``)
 and average-pool downsampling (``downsample.{1,2}``)."""
 from __future__ import annotations
