@@ -25,6 +25,7 @@ from .cache import BlockCache
 from .checkpoint import Checkpoint
 from .config import QDropConfig, RuntimeConfig
 from .families import Family
+from .integration.hf_quantizer import attach as attach_hf_quantizer
 from .observers import PatchMoments
 from .plan import QuantPlan, Unit, prepare_model, set_quant_state
 from .quantizers import use_kernels
@@ -81,6 +82,7 @@ def quantize_model(model: nn.Module, calibration_data: Iterable, config: QDropCo
     finish(run)
     run.report["time_s"]["total"] = time.perf_counter() - t0
     model.qdrop_config, model.qdrop_plan, model.qdrop_report = run.config, run.plan, run.report
+    attach_hf_quantizer(model)
     return model
 
 

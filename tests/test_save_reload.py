@@ -93,6 +93,65 @@ def test_automodel_from_pretrained_rebuilds_the_quantized_model(tmp_path):
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
+def packed_keys(path) -> set[str]:
+    with safe_open(str(path), "pt") as f:
+        return {k for k in f.keys() if k.endswith("weight_quantizer.packed")}
+
+
+def test_save_pretrained_of_a_fresh_and_a_reloaded_model_writes_the_packed_format(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=16),
+                           progress=False)
+    model.save_pretrained(tmp_path / "fresh")
+    assert len(packed_keys(tmp_path / "fresh/model.safetensors")) == 2 * 6 + 2  # 2 layers x 6 Linears, pooler, classifier
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fresh")
+    reloaded.save_pretrained(tmp_path / "again")
+    twice = AutoModelForSequenceClassification.from_pretrained(tmp_path / "again")
+    batch = text_batches()[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(reloaded(**batch).logits, expected) and torch.equal(twice(**batch).logits, expected)
+
+
+def test_push_to_hub_uploads_the_packed_format(tmp_path, monkeypatch):
+    """``model.push_to_hub`` is save_pretrained into a temporary folder plus one commit: the commit
+    carries the packed checkpoint (the Hub calls are replaced here; no hub is reachable)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            uploaded[op.path_in_repo] = open(op.path_or_fileobj, "rb").read()
+        return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/1", oid="1", pr_url=None)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    model.push_to_hub("user/tiny-w4a8")
+    assert {"config.json", "model.safetensors"} <= set(uploaded)
+    (tmp_path / "model.safetensors").write_bytes(uploaded["model.safetensors"])
+    assert len(packed_keys(tmp_path / "model.safetensors")) == 14
+    assert json.loads(uploaded["config.json"])["quantization_config"]["quant_method"] == "qdrop"
+
+
+def test_pipelines_run_the_quantized_model(tmp_path):
+    from transformers import BertTokenizerFast, pipeline
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    expected = torch.softmax(model(**tokenizer(["w1 w2 w3"], return_tensors="pt")).logits, -1).max().item()
+    (out,) = pipeline("text-classification", model=model, tokenizer=tokenizer)(["w1 w2 w3"])
+    assert out["score"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -1,9 +1,12 @@
 """transformers integration: ``quant_method="qdrop"`` in the quantizer registry.
 
-After ``import qdrop_hf``, ``AutoModelFor*.from_pretrained(<folder saved by save_quantized>)`` rebuilds the
+After ``import qdrop_hf``, ``AutoModelFor*.from_pretrained(<a saved qdrop folder>)`` rebuilds the
 quantized modules on the empty model, shapes the quantizer buffers from the checkpoint, lets
 transformers load what it knows, then loads the packed integer weights and quantizer state itself.
-Quantizing through ``from_pretrained`` is refused: QDrop needs calibration data (``quantize_model``).
+The other way, ``model.save_pretrained`` / ``model.push_to_hub`` write the packed format through
+``get_state_dict_and_metadata``; a model fresh from ``quantize_model`` gets the same quantizer
+attached (``attach``), so it saves as a reloaded one does. Quantizing through ``from_pretrained`` is
+refused: QDrop needs calibration data (``quantize_model``).
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import QDropConfig
-from .serialization import PACKED, finish_loading, install_saved_quantizers
+from transformers import PreTrainedModel
+
+from .serialization import LOAD_WITH, PACKED, finish_loading, install_saved_quantizers, quantized_state_dict, quantizer_bits
 from ..nn import QuantLayer
 from ..quantizers import WeightQuantizer
 
@@ -34,6 +39,10 @@ class QDropQuantizationConfig(QuantizationConfigMixin):
 
     def qdrop_config(self) -> QDropConfig:
         return QDropConfig.from_saved(self.__dict__)
+
+    @classmethod
+    def of_model(cls, model) -> "QDropQuantizationConfig":
+        return cls(quantizer_bits=quantizer_bits(model), load_with=LOAD_WITH, **model.qdrop_config.to_dict())
 
 
 class QDropHfQuantizer(HfQuantizer):
@@ -75,11 +84,26 @@ class QDropHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self):
-        return False  # save with qdrop_hf.integration.serialization.save_quantized, which packs the integer weights
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: the integer weights bit-packed, no float copy of them."""
+        return quantized_state_dict(model), {}
 
     @property
     def is_trainable(self):
         return False
+
+
+def attach(model) -> None:
+    """Give a transformers model fresh from ``quantize_model`` what ``from_pretrained`` gives a reloaded
+    one: ``model.hf_quantizer`` and ``config.quantization_config``, so that ``save_pretrained``,
+    ``push_to_hub`` and ``model.is_quantized`` treat it as the quantized model it is."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    config = QDropQuantizationConfig.of_model(model)
+    model.config.quantization_config = config
+    model.hf_quantizer = QDropHfQuantizer(config, pre_quantized=True)
 
 
 def register() -> None:

@@ -33,7 +33,7 @@ LOAD_WITH = "pip install qdrop_hf; import qdrop_hf before AutoModel*.from_pretra
 PACKED = "weight_quantizer.packed"
 
 
-def _quantizer_bits(model: nn.Module) -> dict[str, int]:
+def quantizer_bits(model: nn.Module) -> dict[str, int]:
     return {name: m.n_bits for name, m in model.named_modules() if isinstance(m, (WeightQuantizer, ActQuantizer))}
 
 
@@ -62,17 +62,19 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
     """Write the folder described above (config, tokenizer/processor, packed safetensors, model card)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    qconfig = {"quant_method": "qdrop", **model.qdrop_config.to_dict(), "quantizer_bits": _quantizer_bits(model),
-               "load_with": LOAD_WITH}
-    if hasattr(model, "config"):
-        model.config.quantization_config = qconfig
-        model.config.architectures = [type(model).__name__]  # what save_pretrained records, for reloading
-        model.config.save_pretrained(output_dir)
+    if isinstance(model, transformers.PreTrainedModel):
+        if getattr(model, "hf_quantizer", None) is None:
+            from .hf_quantizer import attach
+
+            attach(model)
+        model.save_pretrained(output_dir)  # the packed state dict, through the qdrop HfQuantizer
     else:  # a built-in architecture: its name and variant options are its whole configuration
+        qconfig = {"quant_method": "qdrop", **model.qdrop_config.to_dict(), "quantizer_bits": quantizer_bits(model),
+                   "load_with": LOAD_WITH}
         (output_dir / "config.json").write_text(json.dumps({"qdrop_arch": model.qdrop_arch,
                                                             "qdrop_arch_options": model.qdrop_arch_options,
                                                             "quantization_config": qconfig}, indent=2))
-    save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(quantized_state_dict(model), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     report = getattr(model, "qdrop_report", None)
