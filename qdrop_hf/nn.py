@@ -1,7 +1,9 @@
 """Quantized drop-in replacements for Linear, Conv2d and GPT-2's Conv1D, and a quantized attention.
 
 The layers keep their float parameters under the original names (so a float checkpoint loads into
-them unchanged) and add a ``weight_quantizer``. Activation quantizers are not part of the layers: a
+them unchanged) and add a ``weight_quantizer``. Once a model is quantized its layers release the
+float weight (``release_float_weight``): a finished layer holds its integer codes (one byte a
+weight), per-channel scales and zero points, and its bias. Activation quantizers are not part of the layers: a
 model family decides where they sit (see ``families``), and attention gets its quantizers through
 transformers' attention-function registry rather than by patching model code.
 """
@@ -30,6 +32,7 @@ class BiasCorrection:
     weights alone, 3.8% with the offset removed."""
 
     input_mean: torch.Tensor | None = None
+    export_weight = None  # while exporting to ONNX: the weight as DequantizeLinear of the integer codes
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -37,6 +40,39 @@ class BiasCorrection:
 
     def mean_shift(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.released:  # model code reads e.g. ``.weight.dtype``: made on the read, not kept
+            return self.weight_quantizer.dequantized().to(self.weight_dtype)
+        return super().__getattr__(name)
+
+    @property
+    def released(self) -> bool:
+        return "weight" not in self._parameters and "weight" not in self._buffers
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the forward uses: the quantized ones (or the float ones with the quantizer off)."""
+        if self.released:
+            if self.export_weight is not None:
+                return self.export_weight(), self.bias
+            return self.weight_quantizer.dequantized().to(self.weight_dtype), self.bias
+        w = self.weight_quantizer(self.weight)
+        return w, self.corrected_bias(w)
+
+    @torch.no_grad()
+    def release_float_weight(self) -> None:
+        """Keep only the integer codes: drop the float weight and fold a fixed bias correction into the
+        bias. Done once the codes are final (end of ``quantize_model``, after loading); from then on
+        the layer is its quantized self only and dequantizes its codes at each forward."""
+        if not self.weight_quantizer.hardened or self.released:
+            return
+        self.weight_dtype = self.weight.dtype
+        if self.bias_shift is not None:
+            self.bias.sub_(self.bias_shift.to(self.bias.dtype))
+            self.bias_shift = None
+        self._parameters.pop("weight", None)
+        self._buffers.pop("weight", None)
+        self._non_persistent_buffers_set.discard("weight")
 
     def corrected_bias(self, weight_q: torch.Tensor) -> torch.Tensor | None:
         if self.bias is None or weight_q is self.weight:  # the quantizer is off: the float layer
@@ -71,8 +107,7 @@ class QuantLinear(BiasCorrection, nn.Linear):
         return delta @ self.input_mean.to(delta.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quantizer(self.weight)
-        return F.linear(x, w, self.corrected_bias(w))
+        return F.linear(x, *self.weight_and_bias())
 
 
 class QuantConv2d(BiasCorrection, nn.Conv2d):
@@ -98,8 +133,7 @@ class QuantConv2d(BiasCorrection, nn.Conv2d):
         return torch.bmm(per_input.view(g, -1, per_input.shape[1]), mean).view(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quantizer(self.weight)
-        return self._conv_forward(x, w, self.corrected_bias(w))
+        return self._conv_forward(x, *self.weight_and_bias())
 
 
 class QuantConv1D(BiasCorrection, Conv1D):
@@ -122,9 +156,16 @@ class QuantConv1D(BiasCorrection, Conv1D):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_shape = x.shape[:-1] + (self.nf,)
-        w = self.weight_quantizer(self.weight)
-        x = torch.addmm(self.corrected_bias(w), x.reshape(-1, x.size(-1)), w)
+        w, b = self.weight_and_bias()
+        x = torch.addmm(b, x.reshape(-1, x.size(-1)), w)
         return x.view(out_shape)
+
+
+def release_float_weights(model: nn.Module) -> None:
+    """Every hardened quantized layer keeps its integer codes only (``release_float_weight``)."""
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            module.release_float_weight()
 
 
 QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}

@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint
 from .config import QDropConfig, RuntimeConfig
 from .families import Family
 from .integration.hf_quantizer import attach as attach_hf_quantizer
+from .nn import release_float_weights
 from .observers import PatchMoments
 from .plan import QuantPlan, Unit, prepare_model, set_quant_state
 from .quantizers import use_kernels
@@ -212,6 +213,7 @@ def reconstruct_one(run: Run, i: int, unit: Unit, cache: BlockCache, progress: b
 def finish(run: Run) -> None:
     run.acts.after_units(run)
     set_quant_state(run.model, weights=True, acts=run.config.act_quant)
+    release_float_weights(run.model)
 
 
 class ActCalibration:

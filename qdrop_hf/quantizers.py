@@ -360,6 +360,7 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("initialized", torch.tensor(False))
+        self.export_grid: tuple = None  # while exporting to ONNX: (step, zero point), or () when off
 
     @property
     def qmax(self) -> int:
@@ -367,6 +368,18 @@ class ActQuantizer(nn.Module):
 
     def set_bits(self, n_bits: int) -> None:
         self.n_bits = n_bits
+
+    def exported(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantizer as the ONNX graph holds it: ``Clip`` to the grid's range, then an 8-bit
+        QuantizeLinear/DequantizeLinear pair with the learned step and zero point. A grid of fewer
+        bits sits in the uint8 container exactly, the Clip keeping its codes within ``[0, qmax]``
+        (the same values as the fake quantizer; ONNX Runtime has integer kernels for 8-bit activations
+        only)."""
+        step, zero_point = self.export_grid
+        if self.qmax < 255:  # at 8 bits QuantizeLinear's own saturation is the grid's range
+            x = x.clamp(-zero_point * step, (self.qmax - zero_point) * step)
+        q = torch.ops.quantized_decomposed.quantize_per_tensor(x, step, zero_point, 0, 255, torch.uint8)
+        return torch.ops.quantized_decomposed.dequantize_per_tensor(q, step, zero_point, 0, 255, torch.uint8)
 
     def observe(self, generator: torch.Generator | None = None) -> None:
         self.observer = ActivationObserver(generator=generator)
@@ -380,6 +393,8 @@ class ActQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_grid is not None:  # exporting: () for a quantizer that is off
+            return self.exported(x) if self.export_grid else x
         if self.observer is not None:
             self.observer.update(x)
             return x

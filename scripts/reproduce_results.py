@@ -123,7 +123,7 @@ def finetune_qa(out: Path, epochs: int) -> None:
 
 
 def run_task(task: Task, settings: dict, out: Path) -> dict:
-    """{bits: {arm: metric, "<arm>_s": quantize seconds}} plus the float metric under "fp"."""
+    """{bits: {arm: metric}} plus the float metric under "fp"."""
     table = {}
     for i, bits in enumerate(settings["bits"]):
         row = table.setdefault(bits, {})
@@ -132,7 +132,6 @@ def run_task(task: Task, settings: dict, out: Path) -> dict:
             fp_eval = i == 0 and arm == next(iter(task.arms or ARMS))
             result = run(task.command(bits, arm, settings, folder, fp_eval), folder, folder.with_suffix(".log"))
             row[arm] = result["quant"][task.metric] * task.scale
-            row[f"{arm}_s"] = result["time_s"]["quantize"]
             if fp_eval:
                 table["fp"] = result["fp"][task.metric] * task.scale
     return table
@@ -140,15 +139,13 @@ def run_task(task: Task, settings: dict, out: Path) -> dict:
 
 def markdown(task: Task, settings: dict, table: dict, budget: str, out: Path) -> str:
     arms = list(task.arms or ARMS)
-    timed = arms[-1]
-    head = ("| W/A | float | " + " | ".join(ARM_NAMES[a] for a in arms)
-            + f" | best − float | {ARM_NAMES[timed]} quantize time |")
-    lines = [f"### {task.title}", "", head, "|" + "---|" * (len(arms) + 4)]
+    head = "| W/A | float | " + " | ".join(ARM_NAMES[a] for a in arms) + " | best − float |"
+    lines = [f"### {task.title}", "", head, "|" + "---|" * (len(arms) + 3)]
     for bits in settings["bits"]:
         row = table[bits]
         best = max(row[a] for a in arms if a != "rtn")
         cells = " | ".join(f"**{row[a]:.2f}**" if row[a] == best else f"{row[a]:.2f}" for a in arms)
-        lines.append(f"| {bits} | {table['fp']:.2f} | {cells} | {best - table['fp']:+.2f} | {row[f'{timed}_s']:.0f} s |")
+        lines.append(f"| {bits} | {table['fp']:.2f} | {cells} | {best - table['fp']:+.2f} |")
     example = task.command(settings["bits"][0], arms[-1], settings, Path("OUT"), False)
     example = shlex.join(["python", *example[1:]]).replace(str(out), "OUT")
     lines += ["", f"Budget `{budget}`: {settings['iters']} iterations per block, {settings['samples']} calibration "
@@ -217,7 +214,7 @@ def main():
         sys.exit(f"unknown tasks {unknown} for budget {args.budget}: {sorted(budgets)}")
     out = args.out.resolve()
     all_tasks = tasks(out)
-    tables, t0 = {}, time.perf_counter()
+    tables = {}
     for name in names:
         print(f"{name}:", flush=True)
         if name == "squad":
@@ -227,8 +224,7 @@ def main():
     sections = [markdown(all_tasks[n], budgets[n], tables[n], args.budget, out) for n in names]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     header = (f"# Results, budget `{args.budget}`\n\nqdrop_hf at commit {git or 'unknown'} on {cpu_name()}, "
-              f"`bash scripts/reproduce_results.sh --budget {args.budget} OUT`, "
-              f"{(time.perf_counter() - t0) / 60:.0f} min for the runs not already done. Bold: the best "
+              f"`bash scripts/reproduce_results.sh --budget {args.budget} OUT`. Bold: the best "
               "reconstruction arm of a row.\n")
     (out / "results.md").write_text(header + "\n" + "\n".join(sections))
     plot(tables, all_tasks, budgets, out / "accuracy_vs_bits.png")

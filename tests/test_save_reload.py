@@ -140,16 +140,28 @@ def test_push_to_hub_uploads_the_packed_format(tmp_path, monkeypatch):
 
 
 def test_pipelines_run_the_quantized_model(tmp_path):
-    from transformers import BertTokenizerFast, pipeline
+    """text-classification and image-classification pipelines on quantized models, their scores those
+    of the quantized model's own forward (transformers 5 has no question-answering pipeline)."""
+    from PIL import Image
+    from transformers import BertTokenizerFast, ViTImageProcessor, pipeline
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
-    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
-                           progress=False)
-    expected = torch.softmax(model(**tokenizer(["w1 w2 w3"], return_tensors="pt")).logits, -1).max().item()
+    config = QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16)
+    model = quantize_model(tiny_bert(), text_batches(), config, progress=False)
+    with torch.no_grad():
+        expected = torch.softmax(model(**tokenizer(["w1 w2 w3"], return_tensors="pt")).logits, -1).max().item()
     (out,) = pipeline("text-classification", model=model, tokenizer=tokenizer)(["w1 w2 w3"])
     assert out["score"] == pytest.approx(expected, rel=1e-6)
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    image = Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy())
+    vision = quantize_model(tiny_resnet(), image_batches(), config, progress=False)
+    with torch.no_grad():
+        probs = torch.softmax(vision(**processor(image, return_tensors="pt")).logits, -1)[0]
+    top = pipeline("image-classification", model=vision, image_processor=processor)(image, top_k=1)[0]
+    assert top["score"] == pytest.approx(probs.max().item(), rel=1e-5)
 
 
 def test_from_pretrained_cannot_quantize_without_calibration(tmp_path):

@@ -65,7 +65,7 @@ class QDropHfQuantizer(HfQuantizer):
         for m in modules.values():
             if isinstance(m, WeightQuantizer):  # the codes come from the packed tensor after loading
                 m.register_buffer("codes", torch.empty(0, dtype=torch.uint8), persistent=False)
-            elif isinstance(m, QuantLayer):  # no float weight in the checkpoint: derived from the codes
+            elif isinstance(m, QuantLayer):  # no float weight in the checkpoint: a placeholder until the codes load
                 weight = m._parameters.pop("weight")
                 m.register_buffer("weight", torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                   persistent=False)

@@ -21,7 +21,7 @@ from .model_card import model_card
 from .plots import PLOT_NAME, reconstruction_plot
 from ..config import QDropConfig
 from ..families import find_family
-from ..nn import QuantLayer
+from ..nn import QuantLayer, release_float_weights
 from .packing import pack_codes, unpack_codes
 from ..plan import install_quantizers, set_quant_state
 from ..quantizers import ActQuantizer, WeightQuantizer
@@ -132,7 +132,7 @@ def load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]
         if key.endswith(PACKED):
             layer = modules[owner.rsplit(".", 1)[0]]
             wq = layer.weight_quantizer
-            wq.codes = unpack_codes(value, wq.n_bits, layer.weight.shape).to(layer.weight.device)
+            wq.codes = unpack_codes(value, wq.n_bits, layer.weight.shape).to(wq.scale.device)
             loaded |= {f"{owner}.codes", f"{owner.rsplit('.', 1)[0]}.weight"}
             continue
         module = modules[owner]
@@ -146,10 +146,4 @@ def load_tensors(model: nn.Module, modules: dict, state: dict[str, torch.Tensor]
     missing = sorted(expected - loaded)
     if missing:
         raise KeyError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for layer in modules.values():  # the float weight now holds the dequantized integers
-        if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
-            weight = layer.weight_quantizer.dequantized().to(layer.weight.dtype)
-            if "weight" in layer._buffers:  # loaded through from_pretrained: a derived, unsaved tensor
-                layer._buffers["weight"] = weight
-            else:
-                layer.weight.data = weight
+    release_float_weights(model)  # the codes are the weights: no float copy beside them

@@ -8,11 +8,13 @@ on and the others off, so its Case 1/2/3 and No-Drop lines run the same experime
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +27,7 @@ from ..checkpoint import Checkpoint, ResumeError
 from ..config import REFERENCE_SWITCHES, QDropConfig, QDropConfigError, RuntimeConfig
 from ..families import UnsupportedModelError
 from ..integration.hub import push_to_hub
+from ..integration.onnx_export import ONNX_DIR, ExportError, OnnxModel, export_onnx
 from ..integration.serialization import save_quantized
 from ..quantize import quantize_model
 
@@ -33,7 +36,8 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
 
 
-USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError, ResumeError)
+USER_ERRORS = (UserError, QDropConfigError, CalibrationDataError, UnsupportedModelError, FileNotFoundError, ResumeError,
+               ExportError)
 
 
 @dataclass
@@ -41,6 +45,15 @@ class RunArguments:
     output_dir: str = field(metadata={"help": "where results.json (and the quantized model) go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
     skip_fp_eval: bool = field(default=False, metadata={"help": "do not evaluate the float model"})
+    export_onnx: bool = field(default=False, metadata={
+        "help": "also export the quantized model to <output_dir>/onnx and evaluate it there with ONNX Runtime "
+                "(results.json 'onnx'); needs the onnx extra"})
+
+    def __post_init__(self):
+        if self.export_onnx:
+            missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise UserError(f"--export_onnx needs {', '.join(missing)}: pip install 'qdrop_hf[onnx]'")
 
 
 @dataclass
@@ -50,6 +63,7 @@ class HubRunArguments(RunArguments):
     hub_token: str | None = field(default=None, metadata={"help": "token for --push_to_hub (default: your login)"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.push_to_hub and not self.hub_model_id:
             raise UserError("--push_to_hub needs --hub_model_id")
 
@@ -97,10 +111,35 @@ def quantize_evaluate_save(out: Path, results: dict, model, calibration, config:
     model, measured = quantize_and_evaluate(model, calibration, config, runtime, evaluate, run_args.skip_fp_eval,
                                             checkpoint)
     results.update(measured)
-    write_outputs(out, results, lambda folder: save_quantized(model, preprocessor, folder, results,
-                                                              calibration=calibration_note))
+    onnx_stage = None
+    if run_args.export_onnx and distributed.is_main():
+        onnx_stage = Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
+        results["onnx"] = export_and_evaluate(model, onnx_stage, calibration, preprocessor, evaluate)
+
+    def save(folder: Path) -> None:
+        save_quantized(model, preprocessor, folder, results, calibration=calibration_note)
+        if onnx_stage is not None:
+            os.replace(onnx_stage / ONNX_DIR, folder / ONNX_DIR)
+
+    try:
+        write_outputs(out, results, save)
+    finally:
+        if onnx_stage is not None:
+            shutil.rmtree(onnx_stage, ignore_errors=True)
     checkpoint.clear()
     run_args.push(out)
+
+
+def export_and_evaluate(model, folder: Path, calibration, preprocessor, evaluate) -> dict:
+    """Export to ``folder/onnx`` (a calibration batch as the sample input) and evaluate the exported
+    model with ONNX Runtime: the task's metrics, the time per batch in ``session.run`` and the providers."""
+    sample = calibration[0]
+    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+    runner = OnnxModel(export_onnx(model, folder, sample, preprocessor))
+    metrics = evaluate(runner, "eval ONNX")
+    logging.getLogger("qdrop_hf").info("ONNX Runtime: %s", metrics)
+    return {**metrics, "latency_ms_per_batch": 1e3 * runner.seconds / max(runner.calls, 1),
+            "providers": runner.session.get_providers()}
 
 
 def recorded_arguments(*argument_sets) -> dict:
@@ -159,7 +198,7 @@ def run_main(main) -> None:
 
 CHECKPOINT_DIR = "qdrop_checkpoint"
 # Arguments that do not change the quantized model: a run may resume with them changed.
-NOT_IN_IDENTITY = {"output_dir", "overwrite_output_dir", "skip_fp_eval", "push_to_hub", "hub_model_id",
+NOT_IN_IDENTITY = {"output_dir", "overwrite_output_dir", "skip_fp_eval", "export_onnx", "push_to_hub", "hub_model_id",
                    "eval_batch_size", "max_eval_samples", *(f.name for f in fields(RuntimeConfig))}
 
 

@@ -1,0 +1,153 @@
+"""Inference cost of a quantized model against its float model, measured in one run.
+
+For MiniLM-L6-SST2 (SST-2 validation sentences, padded per batch, at most 128 tokens), CIFAR ResNet-20
+and EfficientNet-Lite0 (real images): the float model and its quantized twin (round-to-nearest at
+each bit width, saved and reloaded as a user gets it; the rounding does not change the cost), each
+at batch 1 and 32. Prints per model and batch size: latency per batch (median of alternating rounds),
+throughput, and the ratio quantized / float; per model: the bytes the quantized layers hold, the
+whole model's tensors and the saved folder. The CPU's int8 features are printed first.
+
+    python benchmarks/inference.py [--models minilm resnet20 lite0] [--bits W8A8 W4A8] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qdrop_hf import QDropConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
+from qdrop_hf.integration.model_card import folder_size  # noqa: E402
+from qdrop_hf.nn import QuantLayer  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+INT8_FLAGS = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+
+
+def cpu_features() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{name}; int8 features: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in INT8_FLAGS)
+
+
+def minilm(batch_size: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = DATA / "models" / "minilm-l6-sst2"
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [line.split("\t")[0] for line in (DATA / "glue/sst2/validation.tsv").read_text().splitlines()[1:]]
+    rows = rows[:64] if batch_size == 1 else rows
+    batches = [dict(tok(rows[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+               for i in range(0, len(rows), batch_size)]
+    return AutoModelForSequenceClassification.from_pretrained(path).eval(), batches, tok
+
+
+def images(size: int, mean, std, folder: Path, count: int) -> list[torch.Tensor]:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[:count]
+    out = []
+    for f in files:
+        img = Image.open(f).convert("RGB").resize((size, size))
+        x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 255
+        out.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    return out
+
+
+def vision(arch: str, batch_size: int):
+    from qdrop_hf.tasks.archs import build_arch
+
+    if arch == "resnet20":
+        model = build_arch("resnet20", weights=str(DATA / "cifar10-resnet/resnet20-12fca82f.th"))
+        pics = images(32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), DATA / "cifar10/test", 256)
+    else:
+        model = build_arch("efficientnet_lite0")
+        pics = images(224, (0.5,) * 3, (0.5,) * 3, DATA / "imagenet-sample", 64)
+    pics = pics[:32] if batch_size == 1 else pics
+    return model.eval(), [torch.stack(pics[i:i + batch_size]) for i in range(0, len(pics), batch_size)], None
+
+
+def load(name: str, batch_size: int):
+    return minilm(batch_size) if name == "minilm" else vision(name, batch_size)
+
+
+def run_all(model, batches) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            model(**b) if isinstance(b, dict) else model(b)
+    return time.perf_counter() - t
+
+
+def layer_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLayer)
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *m.weight_quantizer.buffers()])
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def float_layer_bytes(model, names: set[str]) -> int:
+    return sum(t.numel() * t.element_size() for n, m in model.named_modules() if n in names
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+
+
+def quantized_copy(name: str, bits: str, tmp: Path):
+    """The model at ``bits`` by round-to-nearest, saved and reloaded; and the saved folder."""
+    w, a = (int(v) for v in bits[1:].split("A"))
+    model, calib, tok = load(name, 32)
+    quantize_model(model, calib[:4], QDropConfig(n_bits_w=w, n_bits_a=a, iters_w=0, num_samples=128 if name != "lite0" else 64),
+                   progress=False)
+    folder = tmp / f"{name}-{bits}"
+    save_quantized(model, tok, folder)
+    return load_quantized(folder), folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "resnet20", "lite0"])
+    parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_features()}")
+    print("| model | W/A | batch | float ms/batch | quantized ms/batch | quantized / float | quantized items/s |")
+    print("|---|---|---|---|---|---|---|")
+    sizes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for bits in args.bits:
+                quant, folder = quantized_copy(name, bits, Path(tmp))
+                names = {n for n, m in quant.named_modules() if isinstance(m, QuantLayer)}
+                for batch_size in (1, 32):
+                    fp, batches, _ = load(name, batch_size)
+                    items = sum(len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in batches)
+                    run_all(fp, batches[:2]), run_all(quant, batches[:2])  # warm-up
+                    t_fp, t_q = [], []
+                    for _ in range(args.rounds):
+                        t_fp.append(run_all(fp, batches))
+                        t_q.append(run_all(quant, batches))
+                    f, q = statistics.median(t_fp), statistics.median(t_q)
+                    print(f"| {name} | {bits} | {batch_size} | {1e3 * f / len(batches):.2f} | {1e3 * q / len(batches):.2f} "
+                          f"| {q / f:.3f} | {items / q:.1f} |", flush=True)
+                sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names), model_bytes(quant),
+                              model_bytes(fp), folder_size(folder)))
+    print("\n| model | W/A | quantized layers: bytes held | same layers in float | ratio | whole model tensors, "
+          "quantized / float | saved folder |")
+    print("|---|---|---|---|---|---|---|")
+    for name, bits, held, fl, mq, mf, folder in sizes:
+        print(f"| {name} | {bits} | {held:,} | {fl:,} | {held / fl:.3f} | {mq:,} / {mf:,} = {mq / mf:.3f} | {folder:,} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""ONNX export: integer weights as uint8 initializers with per-channel DequantizeLinear, every
+activation quantizer as QuantizeLinear/DequantizeLinear, ONNX Runtime's logits against PyTorch's,
+ONNX Runtime's integer kernels in the optimized graph, and the export's bad-input errors."""
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import image_batches, minilm_sst2, text_batches, tiny_bert, tiny_resnet
+from qdrop_hf import QDropConfig, quantize_model
+from qdrop_hf.nn import QuantLayer
+from qdrop_hf.quantizers import ActQuantizer
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from qdrop_hf.integration.onnx_export import ExportError, OnnxModel, export_onnx  # noqa: E402
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(out, "logits", out)
+
+
+def initializers(path):
+    graph = onnx.load(str(path)).graph
+    return {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}, graph
+
+
+def test_tiny_bert_exports_integer_weights_and_every_activation_quantizer(tmp_path):
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=16),
+                           progress=False)
+    batch = text_batches()[0]
+    path = export_onnx(model, tmp_path, batch)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.onnx"]
+    inits, graph = initializers(path)
+    ops = Counter(n.op_type for n in graph.node)
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    active = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.active]
+    assert ops["QuantizeLinear"] == len(active)  # Q, K, V, probabilities and context included
+    assert "Clip" not in ops  # 8-bit activations: QuantizeLinear saturates to the grid itself
+    code_names = {k for k, v in inits.items() if v.dtype.name == "uint8" and v.ndim == 2}
+    codes = [inits[k] for k in code_names]
+    four_bit = sum(layer.weight_quantizer.n_bits == 4 for layer in layers)  # the head stays at 8 bits
+    assert len(codes) == len(layers) and sum(int(c.max()) <= 15 for c in codes) == four_bit > 0  # one byte a code
+    expected_codes = sorted(tuple(layer.weight_quantizer.codes.flatten()[:8].tolist()) for layer in layers)
+    assert sorted(tuple(c.flatten()[:8].tolist()) for c in codes) == expected_codes
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in code_names]
+    assert len(weight_dq) == len(layers)  # per output channel: one scale and zero point a row
+    assert all(inits[n.input[1]].shape == (inits[n.input[0]].shape[0],) for n in weight_dq)
+    runner = OnnxModel(path)
+    ref = logits(model, batch)
+    assert torch.allclose(runner(**batch).logits, ref, atol=1e-5 * ref.abs().max().item() + 1e-7)
+    short = {k: v[:3, :7] for k, v in batch.items()}  # batch and sequence length are dynamic
+    assert torch.allclose(runner(**short).logits, logits(model, short), atol=1e-5 * ref.abs().max().item() + 1e-7)
+
+
+def test_ort_runs_the_8bit_activations_on_integer_kernels(tmp_path):
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=8, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    path = export_onnx(model, tmp_path, text_batches()[0])
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    linear = sum(isinstance(m, QuantLayer) for m in model.modules())
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["MatMulInteger"] >= linear - 2, ops
+
+
+def test_tiny_resnet_at_4bit_activations_clips_to_the_grid_and_matches(tmp_path):
+    model = quantize_model(tiny_resnet(), image_batches(), QDropConfig(n_bits_w=4, n_bits_a=4, iters_w=5, num_samples=16),
+                           progress=False)
+    x = image_batches()[0]
+    path = export_onnx(model, tmp_path, x)
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    four_bit = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.active and m.n_bits == 4]
+    assert ops["Clip"] >= len(four_bit) and ops["QuantizeLinear"] >= len(four_bit)
+    ref, out = logits(model, x), OnnxModel(path)(x.contiguous()).logits
+    # a value at a rounding boundary may land one 4-bit step apart under another summation order
+    assert (out - ref).norm() / ref.norm() < 0.05
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
+
+
+def test_real_minilm_sst2_exports_and_agrees_with_pytorch(tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import require_shared
+
+    data = require_shared()
+    model, _ = minilm_sst2(layers=6)
+    tok = AutoTokenizer.from_pretrained(data / "models" / "minilm-l6-sst2")
+    rows = [line.split("\t")[0] for line in (data / "glue/sst2/validation.tsv").read_text().splitlines()[1:129]]
+    batches = [dict(tok(rows[i:i + 32], padding=True, return_tensors="pt")) for i in range(0, len(rows), 32)]
+    model = quantize_model(model, batches[:2], QDropConfig(n_bits_w=8, n_bits_a=8, iters_w=0, num_samples=64),
+                           progress=False)
+    runner = OnnxModel(export_onnx(model, tmp_path, batches[0], tok))
+    assert (tmp_path / "onnx" / "tokenizer.json").exists()
+    ref = torch.cat([logits(model, b) for b in batches])
+    out = torch.cat([runner(**b).logits for b in batches])
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_export_refuses_float_unfinished_and_unwritable(tmp_path, monkeypatch):
+    from qdrop_hf.plan import prepare_model
+
+    with pytest.raises(ExportError, match="not quantized"):
+        export_onnx(tiny_bert(), tmp_path / "float", text_batches()[0])
+    unfinished = tiny_bert()
+    prepare_model(unfinished, QDropConfig(n_bits_w=4, n_bits_a=8), text_batches()[0], torch.device("cpu"))
+    with pytest.raises(ExportError, match="reconstruction is not finished"):
+        export_onnx(unfinished, tmp_path / "unfinished", text_batches()[0])
+    model = quantize_model(tiny_bert(), text_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ExportError, match="cannot write to"):
+        export_onnx(model, tmp_path / "a_file" / "out", text_batches()[0])
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("outer") from NotImplementedError("aten::weird_op has no ONNX translation")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(ExportError, match="weird_op has no ONNX translation"):
+        export_onnx(model, tmp_path / "failed", text_batches()[0])
+    assert list((tmp_path / "failed").iterdir()) == []  # nothing half-written
+    assert not (tmp_path / "float").exists() and not (tmp_path / "unfinished").exists()
