@@ -1,13 +1,15 @@
-"""Inference cost of a quantized model against its float model, measured in one run.
+"""Inference cost of a quantized model against its float model, in PyTorch and in ONNX Runtime,
+measured in one run.
 
 For MiniLM-L6-SST2 (SST-2 validation sentences, padded per batch, at most 128 tokens), CIFAR ResNet-20
 and EfficientNet-Lite0 (real images): the float model and its quantized twin (round-to-nearest at
 each bit width, saved and reloaded as a user gets it; the rounding does not change the cost), each
-at batch 1 and 32. Prints per model and batch size: latency per batch (median of alternating rounds),
-throughput, and the ratio quantized / float; per model: the bytes the quantized layers hold, the
-whole model's tensors and the saved folder. The CPU's int8 features are printed first.
+in PyTorch eager and exported to ONNX Runtime (CPU provider, as many threads as torch), at batch 1
+and 32. Prints per model and batch size the latency per batch of the four (median of alternating
+rounds) and the ratios quantized / float; per model the bytes the quantized layers hold against
+float, the saved folders and the ONNX files. The CPU's int8 features are printed first.
 
-    python benchmarks/inference.py [--models minilm resnet20 lite0] [--bits W8A8 W4A8] [--rounds 5]
+    python benchmarks/inference.py [--models minilm resnet20 lite0] [--bits W8A8 W4A8] [--rounds 5]   (needs the onnx extra)
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qdrop_hf import QDropConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
-from qdrop_hf.integration.model_card import folder_size  # noqa: E402
+from qdrop_hf.integration.onnx_export import OnnxModel, export_onnx, model_inputs, trace  # noqa: E402
 from qdrop_hf.nn import QuantLayer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -59,7 +61,7 @@ def images(size: int, mean, std, folder: Path, count: int) -> list[torch.Tensor]
     out = []
     for f in files:
         img = Image.open(f).convert("RGB").resize((size, size))
-        x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 255
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) / 255
         out.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
     return out
 
@@ -94,24 +96,46 @@ def layer_bytes(model) -> int:
                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *m.weight_quantizer.buffers()])
 
 
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
 def float_layer_bytes(model, names: set[str]) -> int:
     return sum(t.numel() * t.element_size() for n, m in model.named_modules() if n in names
                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
 
 
 def quantized_copy(name: str, bits: str, tmp: Path):
-    """The model at ``bits`` by round-to-nearest, saved and reloaded; and the saved folder."""
+    """The model at ``bits`` by round-to-nearest, saved and reloaded; its folder and its ONNX file."""
     w, a = (int(v) for v in bits[1:].split("A"))
     model, calib, tok = load(name, 32)
     quantize_model(model, calib[:4], QDropConfig(n_bits_w=w, n_bits_a=a, iters_w=0, num_samples=128 if name != "lite0" else 64),
                    progress=False)
     folder = tmp / f"{name}-{bits}"
     save_quantized(model, tok, folder)
-    return load_quantized(folder), folder
+    reloaded = load_quantized(folder)
+    return reloaded, folder, export_onnx(reloaded, folder, calib[0])
+
+
+def float_copy(name: str, tmp: Path):
+    """The float model, its safetensors file and its ONNX export (the same inputs and outputs)."""
+    from safetensors.torch import save_file
+
+    model, calib, _ = load(name, 32)
+    folder = tmp / f"{name}-float"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    trace(model, model_inputs(calib[0]), folder / "model.onnx")
+    return model, folder, folder / "model.onnx"
+
+
+def rss() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS"))
+
+
+def session(path: Path, batch) -> tuple[OnnxModel, int]:
+    """An ONNX Runtime runner and the resident memory its creation and a first batch added."""
+    before = rss()
+    runner = OnnxModel(path, ["CPUExecutionProvider"], threads=torch.get_num_threads())
+    run_all(runner, [batch])
+    return runner, rss() - before
 
 
 def main():
@@ -120,33 +144,48 @@ def main():
     parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_features()}")
-    print("| model | W/A | batch | float ms/batch | quantized ms/batch | quantized / float | quantized items/s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, onnxruntime {ort_version()}, {torch.get_num_threads()} threads; {cpu_features()}")
+    print("| model | W/A | batch | PyTorch float ms | PyTorch quantized ms | quantized / float | ORT float ms "
+          "| ORT quantized ms | ORT quantized / ORT float | ORT quantized items/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            fp, fp_folder, fp_onnx = float_copy(name, Path(tmp))
+            ort_fp, ort_fp_rss = session(fp_onnx, load(name, 32)[1][0])
             for bits in args.bits:
-                quant, folder = quantized_copy(name, bits, Path(tmp))
+                quant, folder, q_onnx = quantized_copy(name, bits, Path(tmp))
+                ort_q, ort_q_rss = session(q_onnx, load(name, 32)[1][0])
                 names = {n for n, m in quant.named_modules() if isinstance(m, QuantLayer)}
+                runners = [fp, quant, ort_fp, ort_q]
                 for batch_size in (1, 32):
-                    fp, batches, _ = load(name, batch_size)
+                    _, batches, _ = load(name, batch_size)
                     items = sum(len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in batches)
-                    run_all(fp, batches[:2]), run_all(quant, batches[:2])  # warm-up
-                    t_fp, t_q = [], []
+                    for r in runners:  # warm-up
+                        run_all(r, batches[:2])
+                    times = [[] for _ in runners]
                     for _ in range(args.rounds):
-                        t_fp.append(run_all(fp, batches))
-                        t_q.append(run_all(quant, batches))
-                    f, q = statistics.median(t_fp), statistics.median(t_q)
-                    print(f"| {name} | {bits} | {batch_size} | {1e3 * f / len(batches):.2f} | {1e3 * q / len(batches):.2f} "
-                          f"| {q / f:.3f} | {items / q:.1f} |", flush=True)
-                sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names), model_bytes(quant),
-                              model_bytes(fp), folder_size(folder)))
-    print("\n| model | W/A | quantized layers: bytes held | same layers in float | ratio | whole model tensors, "
-          "quantized / float | saved folder |")
-    print("|---|---|---|---|---|---|---|")
-    for name, bits, held, fl, mq, mf, folder in sizes:
-        print(f"| {name} | {bits} | {held:,} | {fl:,} | {held / fl:.3f} | {mq:,} / {mf:,} = {mq / mf:.3f} | {folder:,} |")
+                        for r, t in zip(runners, times):
+                            t.append(run_all(r, batches))
+                    f, q, of, oq = (statistics.median(t) / len(batches) * 1e3 for t in times)
+                    print(f"| {name} | {bits} | {batch_size} | {f:.2f} | {q:.2f} | {q / f:.3f} | {of:.2f} | {oq:.2f} "
+                          f"| {oq / of:.3f} | {items / len(batches) / oq * 1e3:.1f} |", flush=True)
+                sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names),
+                              (folder / "model.safetensors").stat().st_size, (fp_folder / "model.safetensors").stat().st_size,
+                              q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss))
+    print("\n| model | W/A | quantized layers in memory / float | saved folder / float safetensors "
+          "| ONNX file / float ONNX | ORT session RSS, quantized / float |")
+    print("|---|---|---|---|---|---|")
+    for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss in sizes:
+        print(f"| {name} | {bits} | {held / 1e6:.2f} / {fl / 1e6:.2f} MB = {held / fl:.3f} | {folder / 1e6:.2f} / "
+              f"{fp_file / 1e6:.2f} MB = {folder / fp_file:.3f} | {q_onnx / 1e6:.2f} / {fp_onnx / 1e6:.2f} MB = "
+              f"{q_onnx / fp_onnx:.3f} | {q_rss / 1e6:.1f} / {f_rss / 1e6:.1f} MB |")
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

@@ -103,10 +103,15 @@ class QuantLinear(BiasCorrection, nn.Linear):
         q.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
         return q
 
+    int8_gemm = None  # (packed int8 weight, input step, input zero point): see qdrop_hf.integer_linear
+
     def mean_shift(self, delta: torch.Tensor) -> torch.Tensor:
         return delta @ self.input_mean.to(delta.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_gemm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and self.export_weight is None:
+            packed, step, zero_point = self.int8_gemm
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, step, zero_point, packed)
         return F.linear(x, *self.weight_and_bias())
 
 

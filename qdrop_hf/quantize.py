@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint
 from .config import QDropConfig, RuntimeConfig
 from .families import Family
 from .integration.hf_quantizer import attach as attach_hf_quantizer
+from .integer_linear import link_input_quantizers, use_integer_kernels
 from .nn import release_float_weights
 from .observers import PatchMoments
 from .plan import QuantPlan, Unit, prepare_model, set_quant_state
@@ -214,6 +215,9 @@ def finish(run: Run) -> None:
     run.acts.after_units(run)
     set_quant_state(run.model, weights=True, acts=run.config.act_quant)
     release_float_weights(run.model)
+    run.model.qdrop_input_quantizers = link_input_quantizers(
+        run.model, run.batches[0], lambda model, batch: run_model(model, batch, run.device))
+    use_integer_kernels(run.model, run.model.qdrop_input_quantizers)
 
 
 class ActCalibration:

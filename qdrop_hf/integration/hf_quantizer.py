@@ -42,7 +42,8 @@ class QDropQuantizationConfig(QuantizationConfigMixin):
 
     @classmethod
     def of_model(cls, model) -> "QDropQuantizationConfig":
-        return cls(quantizer_bits=quantizer_bits(model), load_with=LOAD_WITH, **model.qdrop_config.to_dict())
+        return cls(quantizer_bits=quantizer_bits(model), load_with=LOAD_WITH, **model.qdrop_config.to_dict(),
+                   input_quantizers=getattr(model, "qdrop_input_quantizers", {}))
 
 
 class QDropHfQuantizer(HfQuantizer):
@@ -80,7 +81,8 @@ class QDropHfQuantizer(HfQuantizer):
             if isinstance(m, WeightQuantizer):
                 m._buffers.pop("packed", None)
                 m._non_persistent_buffers_set.discard("codes")
-        finish_loading(model, self.quantization_config.qdrop_config(), state)
+        finish_loading(model, self.quantization_config.qdrop_config(), state,
+                       getattr(self.quantization_config, "input_quantizers", {}))
         return model
 
     def is_serializable(self):

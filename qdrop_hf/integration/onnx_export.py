@@ -125,11 +125,32 @@ def export_onnx(model: nn.Module, output_dir: str | Path, sample_inputs, preproc
         model.to(device)
 
 
-def _export(model: nn.Module, output_dir: Path, sample_inputs, preprocessor) -> Path:
+def trace(model: nn.Module, inputs, path: Path) -> None:
+    """``torch.onnx.export`` (dynamo, opset 21) of ``model`` on ``inputs`` (a dict of tensors or one image
+    tensor) to ``path``: batch (and sequence) dynamic, the outputs by name (``logits``...). Used for the
+    quantized model inside ``export_mode``, and as it is for a float model to compare against."""
+    names = list(inputs) if isinstance(inputs, dict) else None
+    tensors = tuple(inputs.values()) if isinstance(inputs, dict) else (inputs,)
+    dims = tuple({0: "batch", 1: "sequence"} if t.dim() == 2 else {0: "batch"} for t in tensors)
+    for name in ("onnx_ir", "onnxscript"):  # one line per folded initializer otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    outputs = _output_names(model, inputs)
+    try:
+        torch.onnx.export(_Flat(model, names, outputs), tensors, str(path), dynamo=True, opset_version=OPSET,
+                          input_names=names or ["pixel_values"], output_names=outputs, dynamic_shapes=(dims,),
+                          external_data=False, verbose=False)
+    except Exception as err:  # the exporter's own errors: an op it cannot trace or translate
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_root_cause(err)}") from err
+
+
+def model_inputs(sample_inputs):
+    """A batch as the exporter takes it: on the CPU, contiguous, without labels."""
     if isinstance(sample_inputs, dict):
-        inputs = {k: v.cpu().contiguous() for k, v in sample_inputs.items() if k != "labels"}
-    else:
-        inputs = sample_inputs.cpu().contiguous()
+        return {k: v.cpu().contiguous() for k, v in sample_inputs.items() if k != "labels"}
+    return sample_inputs.cpu().contiguous()
+
+
+def _export(model: nn.Module, output_dir: Path, sample_inputs, preprocessor) -> Path:
     target = output_dir / ONNX_DIR
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -137,19 +158,8 @@ def _export(model: nn.Module, output_dir: Path, sample_inputs, preprocessor) -> 
     except OSError as err:
         raise ExportError(f"cannot write to {output_dir}: {err.strerror or err}") from err
     try:
-        names = list(inputs) if isinstance(inputs, dict) else None
-        tensors = tuple(inputs.values()) if isinstance(inputs, dict) else (inputs,)
-        dims = tuple({0: "batch", 1: "sequence"} if t.dim() == 2 else {0: "batch"} for t in tensors)
-        for name in ("onnx_ir", "onnxscript"):  # one line per folded initializer otherwise
-            logging.getLogger(name).setLevel(logging.WARNING)
         with export_mode(model):
-            outputs = _output_names(model, inputs)
-            try:
-                torch.onnx.export(_Flat(model, names, outputs), tensors, str(staging / ONNX_NAME), dynamo=True,
-                                  opset_version=OPSET, input_names=names or ["pixel_values"], output_names=outputs,
-                                  dynamic_shapes=(dims,), external_data=False, verbose=False)
-            except Exception as err:  # the exporter's own errors: an op it cannot trace or translate
-                raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_root_cause(err)}") from err
+            trace(model, model_inputs(sample_inputs), staging / ONNX_NAME)
         if hasattr(model, "config"):
             model.config.save_pretrained(staging)
         if preprocessor is not None:

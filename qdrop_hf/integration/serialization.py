@@ -23,6 +23,7 @@ from ..config import QDropConfig
 from ..families import find_family
 from ..nn import QuantLayer, release_float_weights
 from .packing import pack_codes, unpack_codes
+from ..integer_linear import use_integer_kernels
 from ..plan import install_quantizers, set_quant_state
 from ..quantizers import ActQuantizer, WeightQuantizer
 
@@ -70,7 +71,7 @@ def save_quantized(model, tokenizer, output_dir: str | Path, results: dict | Non
         model.save_pretrained(output_dir)  # the packed state dict, through the qdrop HfQuantizer
     else:  # a built-in architecture: its name and variant options are its whole configuration
         qconfig = {"quant_method": "qdrop", **model.qdrop_config.to_dict(), "quantizer_bits": quantizer_bits(model),
-                   "load_with": LOAD_WITH}
+                   "input_quantizers": getattr(model, "qdrop_input_quantizers", {}), "load_with": LOAD_WITH}
         (output_dir / "config.json").write_text(json.dumps({"qdrop_arch": model.qdrop_arch,
                                                             "qdrop_arch_options": model.qdrop_arch_options,
                                                             "quantization_config": qconfig}, indent=2))
@@ -102,7 +103,7 @@ def _load_builtin(path: Path, raw: dict) -> nn.Module:
     qconfig = QDropConfig.from_saved(qdict)
     model = build_arch(raw["qdrop_arch"], default_weights=False, **raw.get("qdrop_arch_options", {})).requires_grad_(False)
     install_saved_quantizers(model, qconfig, qdict["quantizer_bits"])
-    finish_loading(model, qconfig, load_file(str(path / WEIGHTS_NAME)))
+    finish_loading(model, qconfig, load_file(str(path / WEIGHTS_NAME)), qdict.get("input_quantizers", {}))
     return model
 
 
@@ -116,11 +117,14 @@ def install_saved_quantizers(model: nn.Module, qconfig: QDropConfig, bits: dict[
     return modules
 
 
-def finish_loading(model: nn.Module, qconfig: QDropConfig, state: dict[str, torch.Tensor]) -> None:
-    """Load the saved tensors (packed codes included) and switch the quantizers on as saved."""
+def finish_loading(model: nn.Module, qconfig: QDropConfig, state: dict[str, torch.Tensor],
+                   input_quantizers: dict[str, str]) -> None:
+    """Load the saved tensors (packed codes included), switch the quantizers on as saved and put the
+    Linear layers fed by an activation quantizer on the int8 GEMM."""
     load_tensors(model, dict(model.named_modules()), state)
     set_quant_state(model, weights=True, acts=qconfig.act_quant)
-    model.qdrop_config = qconfig
+    model.qdrop_config, model.qdrop_input_quantizers = qconfig, dict(input_quantizers)
+    use_integer_kernels(model, model.qdrop_input_quantizers)
 
 
 @torch.no_grad()
