@@ -125,12 +125,24 @@ def float_copy(name: str, tmp: Path):
     return model, folder, folder / "model.onnx"
 
 
+def agreement(model, runner, batches) -> float:
+    """The share of items whose top class is the same from the PyTorch model and the ONNX Runtime one."""
+    same = total = 0
+    with torch.no_grad():
+        for b in batches:
+            ref = model(**b) if isinstance(b, dict) else model(b)
+            out = runner(**b) if isinstance(b, dict) else runner(b)
+            same += int((getattr(ref, "logits", ref).argmax(-1) == out.logits.argmax(-1)).sum())
+            total += len(out.logits)
+    return same / total
+
+
 def rss() -> int:
     return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmRSS"))
 
 
-def session(path: Path, batch) -> tuple[OnnxModel, int]:
+def ort_runner(path: Path, batch) -> tuple[OnnxModel, int]:
     """An ONNX Runtime runner and the resident memory its creation and a first batch added."""
     before = rss()
     runner = OnnxModel(path, ["CPUExecutionProvider"], threads=torch.get_num_threads())
@@ -152,10 +164,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             fp, fp_folder, fp_onnx = float_copy(name, Path(tmp))
-            ort_fp, ort_fp_rss = session(fp_onnx, load(name, 32)[1][0])
+            ort_fp, ort_fp_rss = ort_runner(fp_onnx, load(name, 32)[1][0])
             for bits in args.bits:
                 quant, folder, q_onnx = quantized_copy(name, bits, Path(tmp))
-                ort_q, ort_q_rss = session(q_onnx, load(name, 32)[1][0])
+                ort_q, ort_q_rss = ort_runner(q_onnx, load(name, 32)[1][0])
                 names = {n for n, m in quant.named_modules() if isinstance(m, QuantLayer)}
                 runners = [fp, quant, ort_fp, ort_q]
                 for batch_size in (1, 32):
@@ -168,18 +180,20 @@ def main():
                         for r, t in zip(runners, times):
                             t.append(run_all(r, batches))
                     f, q, of, oq = (statistics.median(t) / len(batches) * 1e3 for t in times)
+                    if batch_size == 32:
+                        agree = agreement(quant, ort_q, batches)
                     print(f"| {name} | {bits} | {batch_size} | {f:.2f} | {q:.2f} | {q / f:.3f} | {of:.2f} | {oq:.2f} "
                           f"| {oq / of:.3f} | {items / len(batches) / oq * 1e3:.1f} |", flush=True)
                 sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names),
                               (folder / "model.safetensors").stat().st_size, (fp_folder / "model.safetensors").stat().st_size,
-                              q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss))
+                              q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss, agree))
     print("\n| model | W/A | quantized layers in memory / float | saved folder / float safetensors "
-          "| ONNX file / float ONNX | ORT session RSS, quantized / float |")
-    print("|---|---|---|---|---|---|")
-    for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss in sizes:
+          "| ONNX file / float ONNX | ORT resident memory, quantized / float | ORT predictions = PyTorch's |")
+    print("|---|---|---|---|---|---|---|")
+    for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss, agree in sizes:
         print(f"| {name} | {bits} | {held / 1e6:.2f} / {fl / 1e6:.2f} MB = {held / fl:.3f} | {folder / 1e6:.2f} / "
               f"{fp_file / 1e6:.2f} MB = {folder / fp_file:.3f} | {q_onnx / 1e6:.2f} / {fp_onnx / 1e6:.2f} MB = "
-              f"{q_onnx / fp_onnx:.3f} | {q_rss / 1e6:.1f} / {f_rss / 1e6:.1f} MB |")
+              f"{q_onnx / fp_onnx:.3f} | {q_rss / 1e6:.1f} / {f_rss / 1e6:.1f} MB | {100 * agree:.2f}% |")
 
 
 def ort_version() -> str:

@@ -24,7 +24,7 @@ def test_run_glue_end_to_end_writes_results_and_model(shared_data, tmp_path):
     proc = run_glue(*sst2_args(shared_data, out), "--n_bits_w", "4", "--n_bits_a", "8", "--channel_wise", "--act_quant",
                     "--order", "together", "--wwq", "--waq", "--awq", "--aaq", "--prob", "0.5", "--input_prob", "0.5",
                     "--num_samples", "32", "--batch_size", "16", "--iters_w", "5", "--max_eval_samples", "128",
-                    "--round_lr", "1e-3")  # 5 steps: the budget-scaled default rate (0.1) would decide on noise
+                    "--round_lr", "1e-3", "--export_onnx")  # 5 steps: the budget-scaled rate (0.1) would decide on noise
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"fp", "quant", "config", "time_s"}
@@ -35,6 +35,12 @@ def test_run_glue_end_to_end_writes_results_and_model(shared_data, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["quantization_config"]["quant_method"] == "qdrop"
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    # the exported model, evaluated by ONNX Runtime on the same 128 sentences: at most 2 decided otherwise
+    assert abs(results["onnx"]["accuracy"] - results["quant"]["accuracy"]) <= 2 / 128
+    assert results["onnx"]["latency_ms_per_batch"] > 0 and "CPUExecutionProvider" in results["onnx"]["providers"]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["config.json", "model.onnx", "tokenizer.json",
+                                                               "tokenizer_config.json"]
+    assert not list(out.glob(".onnx-*")) and not (out / ".staging").exists()
 
 
 @pytest.mark.parametrize("change,message", [

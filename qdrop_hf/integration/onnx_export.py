@@ -202,23 +202,23 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=provider_names or providers())
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.calls, self.seconds = 0, 0.0  # session.run calls and the time spent in them
+        self.inference = ort.InferenceSession(str(path), options, providers=provider_names or providers())
+        self.input_names = [i.name for i in self.inference.get_inputs()]
+        self.output_names = [o.name for o in self.inference.get_outputs()]
+        self.calls, self.seconds = 0, 0.0  # runs and the time spent in them
 
     def eval(self) -> "OnnxModel":
         return self
 
     def to(self, device) -> "OnnxModel":
-        return self  # the session's providers decide where it runs
+        return self  # the execution providers decide where it runs
 
     def __call__(self, *args, **kwargs):
         if args:
             kwargs = dict(zip(self.input_names, args))
         feeds = {name: kwargs[name].detach().cpu().numpy() for name in self.input_names}
         t = time.perf_counter()
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.inference.run(self.output_names, feeds)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         return SimpleNamespace(**{n: torch.from_numpy(v) for n, v in zip(self.output_names, outputs)})
