@@ -30,7 +30,7 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
-# Every number of the README's results tables (quick budget: about 40 minutes on 2 CPU cores).
+# Every number of the README's results tables (quick budget: about 80 minutes on 2 CPU cores).
 reproduce: setup
 	bash scripts/reproduce_results.sh --budget quick outputs/reproduce
 
@@ -38,4 +38,4 @@ demo: setup
 	$(BIN)/python run_glue.py --model_name_or_path $(SHARED)/models/minilm-l6-sst2 \
 	  --train_file $(SHARED)/glue/sst2/train.tsv --validation_file $(SHARED)/glue/sst2/validation.tsv \
 	  --n_bits_w 4 --n_bits_a 8 --channel_wise --act_quant --order together --wwq --waq --awq --aaq \
-	  --prob 0.5 --input_prob 0.5 --iters_w 200 --num_samples 256 --batch_size 32 --round_lr 1e-3 --output_dir $(DEMO_OUT) --overwrite_output_dir
+	  --prob 0.5 --input_prob 0.5 --iters_w 200 --num_samples 256 --batch_size 32 --output_dir $(DEMO_OUT) --overwrite_output_dir

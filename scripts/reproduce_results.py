@@ -3,7 +3,7 @@
 ``OUT/results.md`` (one table per task, with the command behind it) and ``OUT/accuracy_vs_bits.png``
 (float / round-to-nearest / No-Drop / QDrop per bit width per task; needs matplotlib).
 
-    python scripts/reproduce_results.py --budget quick OUT     # about 40 min on 2 CPU cores
+    python scripts/reproduce_results.py --budget quick OUT     # about 80 min on 2 CPU cores
     python scripts/reproduce_results.py --budget full OUT      # the method's budgets: hours on a CPU
 
 Each run writes ``OUT/<task>/<run>/results.json``; a run whose results.json exists is not run again,
