@@ -7,7 +7,7 @@ each bit width, saved and reloaded as a user gets it; the rounding does not chan
 in PyTorch eager and exported to ONNX Runtime (CPU provider, as many threads as torch), at batch 1
 and 32. Prints per model and batch size the latency per batch of the four (median of alternating
 rounds) and the ratios quantized / float; per model the bytes the quantized layers hold against
-float, the saved folders and the ONNX files. The CPU's int8 features are printed first.
+float, the saved safetensors and the ONNX files. The CPU's int8 features are printed first.
 
     python benchmarks/inference.py [--models minilm resnet20 lite0] [--bits W8A8 W4A8] [--rounds 5]   (needs the onnx extra)
 """
@@ -190,7 +190,7 @@ def main():
                 sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names),
                               (folder / "model.safetensors").stat().st_size, (fp_folder / "model.safetensors").stat().st_size,
                               q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss, agree))
-    print("\n| model | W/A | quantized layers in memory / float | saved folder / float safetensors "
+    print("\n| model | W/A | quantized layers in memory / float | model.safetensors / float "
           "| ONNX file / float ONNX | ORT resident memory, quantized / float | ORT predictions = PyTorch's |")
     print("|---|---|---|---|---|---|---|")
     for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss, agree in sizes:

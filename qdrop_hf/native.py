@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,23 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+STALE_LOCK_S = 900  # a build takes about 30 s; a lock this old belongs to a build that was killed
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove the lock file a build killed half-way leaves in its build folder: torch's loader would
+    wait on it for ever, in every later process."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            logger.warning("removing %s, left by a kernel build that did not finish", lock)
+            lock.unlink(missing_ok=True)
+    except (ImportError, OSError):  # no such helper in this torch, or no folder yet: nothing to clear
+        pass
+
+
 def _build(march: str):
     try:
         from torch.utils.cpp_extension import load
@@ -70,6 +88,7 @@ def _build(march: str):
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        _clear_stale_lock(name)
         logger.info("loading the fused kernels (built on first use, about 30 s, then cached)")
         return load(name, [str(_SOURCE)], extra_cflags=flags + openmp, extra_ldflags=openmp)
     except Exception as err:  # no compiler, no ninja, unwritable cache: the eager kernels still work

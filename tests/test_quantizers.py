@@ -1,4 +1,5 @@
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +453,23 @@ def test_bias_correction_removes_the_mean_output_shift_and_folds_exactly(kind):
         assert torch.equal(fp.weight, layer.weight) and torch.equal(fp.bias, layer.bias)
         layer.weight_quantizer.enabled = False  # quantizer off: the float layer, float bias included
         assert torch.allclose(layer(x), fp(x), atol=1e-5)
+
+
+def test_a_lock_left_by_a_killed_kernel_build_is_removed(tmp_path, monkeypatch):
+    """torch's extension loader waits for ever on the lock file of a build that was killed."""
+    import os
+    import time
+
+    from qdrop_hf import native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory("qdrop_probe", verbose=False))
+    (folder / "lock").write_text("")
+    native._clear_stale_lock("qdrop_probe")
+    assert (folder / "lock").exists()  # a build may be running now: left alone
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(folder / "lock", (old, old))
+    native._clear_stale_lock("qdrop_probe")
+    assert not (folder / "lock").exists()
