@@ -10,10 +10,11 @@ The graph holds what the quantized model is, not a float approximation of it:
   step and zero point.
 
 Every width sits in an 8-bit container: 2- to 8-bit codes are exact ``uint8`` values, and the Clip
-keeps a sub-8-bit activation on its own grid. ONNX Runtime's integer kernels (``MatMulInteger``,
-``QLinearMatMul``, ``QLinearConv``, fused from the DequantizeLinear → MatMul/Conv patterns) take 8-bit
-operands; int4 types (opset 21) would halve the file at 4 bits but run only through weight-only
-kernels, with float activations.
+keeps a sub-8-bit activation on its own grid. ONNX Runtime's integer kernels take 8-bit operands: it
+fuses each DequantizeLinear → MatMul of a Linear layer into ``MatMulIntegerToFloat``. Convolutions are
+not fused (their outputs are not requantized before a residual add, and their bias is float), so a
+convolutional graph runs its convolutions in float on weights it dequantizes at each run. int4 types
+(opset 21) would halve the file at 4 bits but run only through weight-only kernels.
 
 ``optimum-onnx`` (``ORTModelFor*``) pins transformers below 5, so it cannot load these folders beside
 the transformers this package needs; ``OnnxModel`` is the small runner that takes its place: it
@@ -84,7 +85,7 @@ def check_exportable(model: nn.Module) -> None:
     if unfinished:
         raise ExportError(f"reconstruction is not finished: {len(unfinished)} layers have no final integer codes "
                           f"(e.g. {unfinished[0]}); export the model quantize_model returns")
-    wide = [n for n, m in model.named_modules() if isinstance(m, (ActQuantizer,)) and m.active and m.n_bits > 8]
+    wide = [n for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.active and m.n_bits > 8]
     wide += [n for n, m in layers.items() if m.weight_quantizer.n_bits > 8]
     if wide:
         raise ExportError(f"only 2- to 8-bit quantizers export to ONNX; {wide[0]} is wider")
