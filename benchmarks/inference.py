@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qdrop_hf import QDropConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
-from qdrop_hf.integration.onnx_export import OnnxModel, export_onnx, model_inputs, trace  # noqa: E402
+from qdrop_hf.integration.onnx_export import OnnxModel, export_inputs, export_onnx, trace  # noqa: E402
 from qdrop_hf.nn import QuantLayer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -124,7 +124,7 @@ def float_copy(name: str, tmp: Path):
     folder = tmp / f"{name}-float"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    trace(model, model_inputs(calib[0]), folder / "model.onnx")
+    trace(model, export_inputs(calib[0]), folder / "model.onnx")
     return model, folder, folder / "model.onnx"
 
 

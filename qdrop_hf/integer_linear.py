@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from .batches import run_model
 from .nn import QuantLinear
 from .quantizers import ActQuantizer
 
@@ -44,7 +45,7 @@ def max_weight_bits() -> int:
 
 
 @torch.no_grad()
-def link_input_quantizers(model: nn.Module, batch, run) -> dict[str, str]:
+def link_input_quantizers(model: nn.Module, batch, device) -> dict[str, str]:
     """``{linear name: activation quantizer name}`` for every quantized Linear whose input is the
     output of an active activation quantizer: the latest quantizer output, in execution order, with
     as many elements whose grid the input lies on (a reshape in between does not matter)."""
@@ -66,7 +67,7 @@ def link_input_quantizers(model: nn.Module, batch, run) -> dict[str, str]:
     hooks = [m.register_forward_hook(after_quantizer) for m in model.modules() if isinstance(m, ActQuantizer)]
     hooks += [m.register_forward_pre_hook(before_linear) for m in model.modules() if isinstance(m, QuantLinear)]
     try:
-        run(model, batch)
+        run_model(model, batch, device)
     finally:
         for h in hooks:
             h.remove()

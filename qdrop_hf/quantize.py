@@ -215,8 +215,7 @@ def finish(run: Run) -> None:
     run.acts.after_units(run)
     set_quant_state(run.model, weights=True, acts=run.config.act_quant)
     release_float_weights(run.model)
-    run.model.qdrop_input_quantizers = link_input_quantizers(
-        run.model, run.batches[0], lambda model, batch: run_model(model, batch, run.device))
+    run.model.qdrop_input_quantizers = link_input_quantizers(run.model, run.batches[0], run.device)
     use_integer_kernels(run.model, run.model.qdrop_input_quantizers)
 
 

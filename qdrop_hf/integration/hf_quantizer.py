@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 from safetensors import safe_open
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                          register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import QDropConfig
-from transformers import PreTrainedModel
-
 from .serialization import LOAD_WITH, PACKED, finish_loading, install_saved_quantizers, quantized_state_dict, quantizer_bits
 from ..nn import QuantLayer
 from ..quantizers import WeightQuantizer

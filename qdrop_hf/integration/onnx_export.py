@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..batches import map_tensors, model_inputs
 from ..nn import QuantLayer
 from ..quantizers import ActQuantizer
 
@@ -117,7 +118,7 @@ def export_onnx(model: nn.Module, output_dir: str | Path, sample_inputs, preproc
     """Write ``output_dir/onnx/``: ``model.onnx`` (the graph described above, batch and sequence
     length dynamic), ``config.json`` and the tokenizer or image processor when given. Returns the
     ``.onnx`` path. ``sample_inputs``: one batch as the model takes it (a tokenizer's dict, an image
-    tensor). Nothing is left behind when it fails."""
+    tensor, an ``(inputs, labels)`` pair; labels are left out). Nothing is left behind when it fails."""
     check_exportable(model)
     device = next(model.parameters()).device
     try:
@@ -144,11 +145,10 @@ def trace(model: nn.Module, inputs, path: Path) -> None:
         raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_root_cause(err)}") from err
 
 
-def model_inputs(sample_inputs):
-    """A batch as the exporter takes it: on the CPU, contiguous, without labels."""
-    if isinstance(sample_inputs, dict):
-        return {k: v.cpu().contiguous() for k, v in sample_inputs.items() if k != "labels"}
-    return sample_inputs.cpu().contiguous()
+def export_inputs(batch):
+    """A batch as the exporter takes it: the model's inputs (``batches.model_inputs``: labels dropped,
+    an ``(inputs, labels)`` pair unwrapped), on the CPU, contiguous."""
+    return map_tensors(model_inputs(batch), lambda t: t.cpu().contiguous())
 
 
 def _export(model: nn.Module, output_dir: Path, sample_inputs, preprocessor) -> Path:
@@ -160,7 +160,7 @@ def _export(model: nn.Module, output_dir: Path, sample_inputs, preprocessor) -> 
         raise ExportError(f"cannot write to {output_dir}: {err.strerror or err}") from err
     try:
         with export_mode(model):
-            trace(model, model_inputs(sample_inputs), staging / ONNX_NAME)
+            trace(model, export_inputs(sample_inputs), staging / ONNX_NAME)
         if hasattr(model, "config"):
             model.config.save_pretrained(staging)
         if preprocessor is not None:

@@ -133,9 +133,7 @@ def quantize_evaluate_save(out: Path, results: dict, model, calibration, config:
 def export_and_evaluate(model, folder: Path, calibration, preprocessor, evaluate) -> dict:
     """Export to ``folder/onnx`` (a calibration batch as the sample input) and evaluate the exported
     model with ONNX Runtime: the task's metrics, the time per batch in ONNX Runtime and its providers."""
-    sample = calibration[0]
-    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
-    runner = OnnxModel(export_onnx(model, folder, sample, preprocessor))
+    runner = OnnxModel(export_onnx(model, folder, calibration[0], preprocessor))
     metrics = evaluate(runner, "eval ONNX")
     logging.getLogger("qdrop_hf").info("ONNX Runtime: %s", metrics)
     return {**metrics, "latency_ms_per_batch": 1e3 * runner.seconds / max(runner.calls, 1),
