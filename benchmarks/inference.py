@@ -54,29 +54,21 @@ def minilm(batch_size: int):
     return AutoModelForSequenceClassification.from_pretrained(path).eval(), batches, tok
 
 
-def images(size: int, mean, std, folder: Path, count: int) -> list[torch.Tensor]:
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[:count]
-    out = []
-    for f in files:
-        img = Image.open(f).convert("RGB").resize((size, size))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) / 255
-        out.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
-    return out
-
-
 def vision(arch: str, batch_size: int):
-    from qdrop_hf.tasks.archs import build_arch
+    """The built-in network and real images, read and preprocessed as ``run_imagenet.py`` does."""
+    from run_imagenet import builtin_preprocess, image_batches, image_folder
+    from qdrop_hf.tasks.archs import build_arch, get_arch
 
     if arch == "resnet20":
         model = build_arch("resnet20", weights=str(DATA / "cifar10-resnet/resnet20-12fca82f.th"))
-        pics = images(32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), DATA / "cifar10/test", 256)
+        images = image_folder(str(DATA / "cifar10/test")).subset(range(0, 256 * 39, 39))  # 256, every class
     else:
         model = build_arch("efficientnet_lite0")
-        pics = images(224, (0.5,) * 3, (0.5,) * 3, DATA / "imagenet-sample", 64)
-    pics = pics[:32] if batch_size == 1 else pics
-    return model.eval(), [torch.stack(pics[i:i + batch_size]) for i in range(0, len(pics), batch_size)], None
+        images = image_folder(str(DATA / "imagenet-sample")).subset(range(64))
+    if batch_size == 1:
+        images = images.subset(range(32))
+    preprocess = builtin_preprocess(get_arch(arch).preprocess)
+    return model.eval(), [x for x, _ in image_batches(images, preprocess, batch_size)], None
 
 
 def load(name: str, batch_size: int):
