@@ -9,7 +9,8 @@ float32 GEMM with VNNI. Without it the layer dequantizes its codes at each call.
 
 Which quantizer feeds which Linear is found once, on a calibration batch (``link_input_quantizers``),
 and saved with the model (``quantization_config.input_quantizers``), so that a reloaded model packs
-its layers at load. x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16, which
+its layers at load. The packed weight is then the layer's only copy of its codes (one byte a weight);
+saving and export unpack it. x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16, which
 saturates for 8-bit weights; there, only layers of at most 7-bit weights use the kernel.
 """
 from __future__ import annotations
@@ -94,6 +95,13 @@ def use_integer_kernels(model: nn.Module, links: dict[str, str]) -> int:
                 (wq.codes.to(torch.int16) - 128).to(torch.int8), wq.scale.flatten().double(),
                 (wq.zero_point.flatten() - 128).long(), 0)
         bias = layer.bias.detach().float() if layer.bias is not None else None
-        layer.int8_gemm = (torch.ops.quantized.linear_prepack(weight, bias), float(q.scale), int(q.zero_point))
+        weights = torch.ops.quantized.linear_prepack(weight, bias)
+        layer.int8_gemm = (weights, float(q.scale), int(q.zero_point))
+        wq.hand_codes_to(functools.partial(codes_of, weights))
         packed += 1
     return packed
+
+
+def codes_of(weights) -> torch.Tensor:
+    """The uint8 codes back from a packed int8 weight (the inverse of the packing above)."""
+    return (torch.ops.quantized.linear_unpack(weights)[0].int_repr().to(torch.int16) + 128).to(torch.uint8)

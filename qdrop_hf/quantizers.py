@@ -245,6 +245,19 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("codes", torch.empty(0, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None
 
+    codes_source = None  # where a kernel's packed weight is the only copy of the codes: gives them back
+
+    def hand_codes_to(self, source) -> None:
+        """Drop the codes buffer, ``source()`` giving them back on a read (saving, export, a non-CPU
+        forward): the int8 GEMM's packed weight holds them already (``qdrop_hf.integer_linear``)."""
+        self.codes_source = source
+        self._buffers.pop("codes")
+
+    def __getattr__(self, name: str):
+        if name == "codes" and self.codes_source is not None:
+            return self.codes_source().to(self.scale.device)
+        return super().__getattr__(name)
+
     @property
     def qmax(self) -> int:
         return 2**self.n_bits - 1

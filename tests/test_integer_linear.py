@@ -48,10 +48,11 @@ def test_int8_gemm_gives_the_dequantized_logits_and_survives_reload(tmp_path):
     model = quantized()
     packed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.int8_gemm is not None]
     assert len(packed) == len(model.qdrop_input_quantizers)
+    assert not any("codes" in m.weight_quantizer._buffers for m in packed)  # the packed weight is the only copy
     batch = text_batches()[1]
     with torch.no_grad():
         fast = model(**batch).logits
-    slow = logits_without_int8(model, batch)
+    slow = logits_without_int8(model, batch)  # dequantizes the codes read back from the packed weights
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5 * slow.abs().max().item())
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""ONNX export: integer weights as uint8 initializers with per-channel DequantizeLinear, every
+"""ONNX export: integer weights as int8 initializers with per-channel DequantizeLinear, every
 activation quantizer as QuantizeLinear/DequantizeLinear, ONNX Runtime's logits against PyTorch's,
 ONNX Runtime's integer kernels in the optimized graph, and the export's bad-input errors."""
 from collections import Counter
@@ -41,8 +41,8 @@ def test_tiny_bert_exports_integer_weights_and_every_activation_quantizer(tmp_pa
     active = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.active]
     assert ops["QuantizeLinear"] == len(active)  # Q, K, V, probabilities and context included
     assert "Clip" not in ops  # 8-bit activations: QuantizeLinear saturates to the grid itself
-    code_names = {k for k, v in inits.items() if v.dtype.name == "uint8" and v.ndim == 2}
-    codes = [inits[k] for k in code_names]
+    code_names = {k for k, v in inits.items() if v.dtype.name == "int8" and v.ndim == 2}
+    codes = [inits[k].astype(int) + 128 for k in code_names]  # signed: ONNX Runtime's u8 x s8 kernels
     four_bit = sum(layer.weight_quantizer.n_bits == 4 for layer in layers)  # the head stays at 8 bits
     assert len(codes) == len(layers) and sum(int(c.max()) <= 15 for c in codes) == four_bit > 0  # one byte a code
     expected_codes = sorted(tuple(layer.weight_quantizer.codes.flatten()[:8].tolist()) for layer in layers)

@@ -2,15 +2,17 @@
 
 The graph holds what the quantized model is, not a float approximation of it:
 
-- each quantized layer's weight is its integer codes as a ``uint8`` initializer, one byte a weight,
-  dequantized by ``DequantizeLinear`` with the per-output-channel scale and zero point (axis = the
-  output channel);
+- each quantized layer's weight is its integer codes as an ``int8`` initializer (code - 128), one
+  byte a weight, dequantized by ``DequantizeLinear`` with the per-output-channel scale and zero point
+  (zero point - 128; axis = the output channel). Signed, because x86 integer GEMMs multiply unsigned
+  activations by signed weights (VNNI's ``vpdpbusd``): with ``uint8`` weights ONNX Runtime takes its
+  slower u8 x u8 kernel, as slow as float32 on MiniLM;
 - each activation quantizer (attention's Q, K, V, probabilities and context included) is a ``Clip``
   to its grid's range followed by a ``QuantizeLinear``/``DequantizeLinear`` pair with the learned
   step and zero point.
 
-Every width sits in an 8-bit container: 2- to 8-bit codes are exact ``uint8`` values, and the Clip
-keeps a sub-8-bit activation on its own grid. ONNX Runtime's integer kernels take 8-bit operands: it
+Every width sits in an 8-bit container: 2- to 8-bit codes are exact ``int8`` values, and the Clip
+keeps a sub-8-bit activation (``uint8``) on its own grid. ONNX Runtime's integer kernels take 8-bit operands: it
 fuses each DequantizeLinear → MatMul of a Linear layer into ``MatMulIntegerToFloat``. Convolutions are
 not fused (their outputs are not requantized before a residual add, and their bias is float), so a
 convolutional graph runs its convolutions in float on weights it dequantizes at each run. int4 types
@@ -48,12 +50,15 @@ class ExportError(Exception):
     """A model that cannot be exported, or a folder that cannot be written: one line says which."""
 
 
-def _dequantize_linear(wq, scale: torch.Tensor, zero_point: torch.Tensor):
-    """The weight of a released layer as DequantizeLinear of its uint8 codes."""
+def _dequantize_linear(wq):
+    """The weight of a released layer as DequantizeLinear of its codes, signed, read once here (the int8
+    GEMM's packed weight gives them back by an unpacking the exporter must not trace)."""
     ops = torch.ops.quantized_decomposed
+    codes = (wq.codes.to(torch.int16) - 128).to(torch.int8)
+    scale, zero_point = wq.scale.detach().flatten().clone(), wq.zero_point.flatten().long().clone() - 128
     if wq.channel_wise:
-        return lambda: ops.dequantize_per_channel(wq.codes, scale, zero_point, wq.ch_axis, 0, 255, torch.uint8)
-    return lambda: ops.dequantize_per_tensor(wq.codes, float(scale), int(zero_point), 0, 255, torch.uint8)
+        return lambda: ops.dequantize_per_channel(codes, scale, zero_point, wq.ch_axis, -128, 127, torch.int8)
+    return lambda: ops.dequantize_per_tensor(codes, float(scale), int(zero_point), -128, 127, torch.int8)
 
 
 @contextmanager
@@ -66,9 +71,7 @@ def export_mode(model: nn.Module):
     for q in acts:
         q.export_grid = (float(q.scale), int(q.zero_point)) if q.active else ()
     for layer in layers:
-        wq = layer.weight_quantizer
-        layer.export_weight = _dequantize_linear(wq, wq.scale.detach().flatten().clone(),
-                                                 wq.zero_point.flatten().long().clone())
+        layer.export_weight = _dequantize_linear(layer.weight_quantizer)
     try:
         yield
     finally:

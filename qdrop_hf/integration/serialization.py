@@ -46,7 +46,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(layer, QuantLayer) and layer.weight_quantizer.hardened:
             wq = layer.weight_quantizer
             state.pop(f"{name}.weight", None)  # absent when the model itself was loaded from packed codes
-            del state[f"{name}.weight_quantizer.codes"]
+            state.pop(f"{name}.weight_quantizer.codes", None)  # absent where the int8 GEMM holds the codes
             state[f"{name}.{PACKED}"] = pack_codes(wq.codes, wq.n_bits)
         if isinstance(layer, QuantLayer) and layer.bias_shift is not None:  # bias correction, in the saved bias
             state[f"{name}.bias"] = (layer.bias - layer.bias_shift).detach().cpu()
