@@ -9,7 +9,7 @@ and 32. Prints per model and batch size the latency per batch of the four (media
 rounds) and the ratios quantized / float; per model the bytes the quantized layers hold against
 float, the saved safetensors and the ONNX files. The CPU's int8 features are printed first.
 
-    python benchmarks/inference.py [--models minilm resnet20 lite0] [--bits W8A8 W4A8] [--rounds 5]   (needs the onnx extra)
+    python benchmarks/inference.py [--models minilm resnet20 efficientnet_lite0] [--bits W8A8 W4A8] [--rounds 5]   (needs the onnx extra)
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def vision(arch: str, batch_size: int):
         model = build_arch("resnet20", weights=str(DATA / "cifar10-resnet/resnet20-12fca82f.th"))
         images = image_folder(str(DATA / "cifar10/test")).subset(range(0, 256 * 39, 39))  # 256, every class
     else:
-        model = build_arch("efficientnet_lite0")
+        model = build_arch(arch)
         images = image_folder(str(DATA / "imagenet-sample")).subset(range(64))
     if batch_size == 1:
         images = images.subset(range(32))
@@ -100,7 +100,7 @@ def quantized_copy(name: str, bits: str, tmp: Path):
     """The model at ``bits`` by round-to-nearest, saved and reloaded; its folder and its ONNX file."""
     w, a = (int(v) for v in bits[1:].split("A"))
     model, calib, tok = load(name, 32)
-    quantize_model(model, calib[:4], QDropConfig(n_bits_w=w, n_bits_a=a, iters_w=0, num_samples=128 if name != "lite0" else 64),
+    quantize_model(model, calib[:4], QDropConfig(n_bits_w=w, n_bits_a=a, iters_w=0, num_samples=128 if name != "efficientnet_lite0" else 64),
                    progress=False)
     folder = tmp / f"{name}-{bits}"
     save_quantized(model, tok, folder)
@@ -147,7 +147,7 @@ def ort_runner(path: Path, batch) -> tuple[OnnxModel, int]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["minilm", "resnet20", "lite0"])
+    parser.add_argument("--models", nargs="+", default=["minilm", "resnet20", "efficientnet_lite0"], choices=["minilm", "resnet20", "efficientnet_lite0"])
     parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()

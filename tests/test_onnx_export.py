@@ -3,6 +3,7 @@ activation quantizer as QuantizeLinear/DequantizeLinear, ONNX Runtime's logits a
 ONNX Runtime's integer kernels in the optimized graph, and the export's bad-input errors."""
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from qdrop_hf.integration.onnx_export import ExportError, OnnxModel, export_onnx  # noqa: E402
+from qdrop_hf.integration.onnx_export import ExportError, OnnxModel, export_onnx, fold_float_weights  # noqa: E402
 
 
 def logits(model, inputs):
@@ -41,15 +42,18 @@ def test_tiny_bert_exports_integer_weights_and_every_activation_quantizer(tmp_pa
     active = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.active]
     assert ops["QuantizeLinear"] == len(active)  # Q, K, V, probabilities and context included
     assert "Clip" not in ops  # 8-bit activations: QuantizeLinear saturates to the grid itself
-    code_names = {k for k, v in inits.items() if v.dtype.name == "int8" and v.ndim == 2}
-    codes = [inits[k].astype(int) + 128 for k in code_names]  # signed: ONNX Runtime's u8 x s8 kernels
-    four_bit = sum(layer.weight_quantizer.n_bits == 4 for layer in layers)  # the head stays at 8 bits
-    assert len(codes) == len(layers) and sum(int(c.max()) <= 15 for c in codes) == four_bit > 0  # one byte a code
-    expected_codes = sorted(tuple(layer.weight_quantizer.codes.flatten()[:8].tolist()) for layer in layers)
-    assert sorted(tuple(c.flatten()[:8].tolist()) for c in codes) == expected_codes
-    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in code_names]
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                 and inits[n.input[0]].dtype.name == "int8" and inits[n.input[0]].ndim == 2]
     assert len(weight_dq) == len(layers)  # per output channel: one scale and zero point a row
     assert all(inits[n.input[1]].shape == (inits[n.input[0]].shape[0],) for n in weight_dq)
+    codes = [inits[n.input[0]].astype(int) for n in weight_dq]
+    zero_points = [inits[n.input[2]].astype(int)[:, None] for n in weight_dq]
+    four_bit = [layer for layer in layers if layer.weight_quantizer.n_bits == 4]  # the head stays at 8 bits
+    assert sum(not z.any() for z in zero_points) >= len(four_bit) > 0  # code - zero point fits: symmetric int8
+    centred = sorted(tuple((c - z).flatten()[:8].tolist()) for c, z in zip(codes, zero_points))
+    expected = sorted(tuple((wq.codes.long() - wq.zero_point.long()).flatten()[:8].tolist())
+                      for wq in (layer.weight_quantizer for layer in layers))
+    assert centred == expected  # the hardened codes themselves, one byte each
     runner = OnnxModel(path)
     ref = logits(model, batch)
     assert torch.allclose(runner(**batch).logits, ref, atol=1e-5 * ref.abs().max().item() + 1e-7)
@@ -81,6 +85,28 @@ def test_tiny_resnet_at_4bit_activations_clips_to_the_grid_and_matches(tmp_path)
     # a value at a rounding boundary may land one 4-bit step apart under another summation order
     assert (out - ref).norm() / ref.norm() < 0.05
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
+
+
+def test_runner_gives_float_layers_constant_weights_and_the_same_outputs(tmp_path):
+    model = quantize_model(tiny_resnet(), image_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
+                           progress=False)
+    x = image_batches()[0].contiguous()
+    path = export_onnx(model, tmp_path, x)
+    graph = onnx.load(str(path))
+    convs = sum(n.op_type == "Conv" for n in graph.graph.node)
+    assert 0 < fold_float_weights(graph.graph) < convs  # the stem and the convolutions before a residual add
+    onnx.save(graph, str(tmp_path / "folded.onnx"))
+
+    def run(file):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized-{file.name}")
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], ops["QLinearConv"]
+
+    (exported, fused), (folded, fused_after) = run(path), run(tmp_path / "folded.onnx")
+    assert fused_after == fused > 0  # no float weight left where ORT would quantize it again on a grid of its own
+    assert np.abs(folded - exported).max() <= 1e-3 * np.abs(exported).max()
 
 
 def test_real_minilm_sst2_exports_and_agrees_with_pytorch(tmp_path):

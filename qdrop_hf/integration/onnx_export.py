@@ -2,11 +2,13 @@
 
 The graph holds what the quantized model is, not a float approximation of it:
 
-- each quantized layer's weight is its integer codes as an ``int8`` initializer (code - 128), one
-  byte a weight, dequantized by ``DequantizeLinear`` with the per-output-channel scale and zero point
-  (zero point - 128; axis = the output channel). Signed, because x86 integer GEMMs multiply unsigned
-  activations by signed weights (VNNI's ``vpdpbusd``): with ``uint8`` weights ONNX Runtime takes its
-  slower u8 x u8 kernel, as slow as float32 on MiniLM;
+- each quantized layer's weight is its integer codes as an ``int8`` initializer, one byte a weight,
+  dequantized by ``DequantizeLinear`` with the per-output-channel scale and zero point (axis = the
+  output channel): ``code - zero point`` with zero points 0 where that fits in int8 (at 7 bits and
+  fewer always), else ``code - 128`` with ``zero point - 128``. Signed, because x86 integer GEMMs
+  multiply unsigned activations by signed weights (VNNI's ``vpdpbusd``): with ``uint8`` weights ONNX
+  Runtime takes its slower u8 x u8 kernel, as slow as float32 on MiniLM, and it prepacks
+  convolution weights only when they are symmetric;
 - each activation quantizer (attention's Q, K, V, probabilities and context included) is a ``Clip``
   to its grid's range followed by a ``QuantizeLinear``/``DequantizeLinear`` pair with the learned
   step and zero point.
@@ -51,11 +53,19 @@ class ExportError(Exception):
 
 
 def _dequantize_linear(wq):
-    """The weight of a released layer as DequantizeLinear of its codes, signed, read once here (the int8
-    GEMM's packed weight gives them back by an unpacking the exporter must not trace)."""
+    """The weight of a released layer as DequantizeLinear of signed codes, read once here (the int8
+    GEMM's packed weight gives them back by an unpacking the exporter must not trace).
+
+    Where every ``code - zero point`` fits in int8 (always at 7 bits and fewer) the initializer holds
+    those, with zero points 0: symmetric weights, which ONNX Runtime's convolutions need for their
+    prepacked kernels. Otherwise ``code - 128`` with ``zero point - 128``: the same values."""
     ops = torch.ops.quantized_decomposed
-    codes = (wq.codes.to(torch.int16) - 128).to(torch.int8)
-    scale, zero_point = wq.scale.detach().flatten().clone(), wq.zero_point.flatten().long().clone() - 128
+    codes, scale, zero_point = wq.codes.to(torch.int16), wq.scale.detach().flatten().clone(), wq.zero_point.detach()
+    centred = codes - zero_point.to(torch.int16)
+    if centred.min() >= -128 and centred.max() <= 127:
+        codes, zero_point = centred.to(torch.int8), torch.zeros(zero_point.numel(), dtype=torch.long)
+    else:
+        codes, zero_point = (codes - 128).to(torch.int8), zero_point.flatten().long() - 128
     if wq.channel_wise:
         return lambda: ops.dequantize_per_channel(codes, scale, zero_point, wq.ch_axis, -128, 127, torch.int8)
     return lambda: ops.dequantize_per_tensor(codes, float(scale), int(zero_point), -128, 127, torch.int8)
@@ -193,12 +203,68 @@ def providers() -> list[str]:
     return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + ["CPUExecutionProvider"]
 
 
+def fold_float_weights(graph) -> int:
+    """Replace by float initializers the weight DequantizeLinear nodes of the layers ONNX Runtime runs
+    in float anyway; returns how many. A convolution becomes ``QLinearConv`` only between a
+    DequantizeLinear input and a QuantizeLinear output (a Relu or Clip between them allowed), a MatMul or
+    Gemm becomes ``MatMulIntegerToFloat`` only on a DequantizeLinear input. Every other one computes
+    in float on its dequantized weight, and ORT prepacks (reorders for its blocked kernels) only
+    constant weights: fed by a DequantizeLinear at each run, a convolution ran up to 2x slower than
+    the float model's. The values are the same, so the outputs are too. (A float weight between a
+    DequantizeLinear input and a QuantizeLinear output is not an option: ORT would quantize it
+    again, per tensor, with a grid of its own.)"""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def quantized_after(name: str) -> bool:
+        after = consumers.get(name, [])
+        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):  # ORT fuses these into the conv
+            after = consumers.get(after[0].output[0], [])
+        return bool(after) and all(n.op_type == "QuantizeLinear" for n in after)
+
+    def integer(node) -> bool:
+        from_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
+        return from_dq and (node.op_type != "Conv" or quantized_after(node.output[0]))
+
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input if i) or integer(node):
+            continue
+        codes, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
+        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+        shape = [1] * codes.ndim
+        if scale.ndim:
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            shape[axis] = -1
+        weight = (codes.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.reshape(shape)
+        name = dq.output[0]
+        graph.node.remove(dq)
+        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
+        folded += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+    return folded
+
+
 class OnnxModel:
     """An exported folder run by ONNX Runtime, called as the scripts call a torch model: keyword
     tensors (``model(**batch)``) or one image tensor; returns an object with the graph's outputs
-    (``.logits``, ``.start_logits``...) as torch tensors."""
+    (``.logits``, ``.start_logits``...) as torch tensors. Layers that ORT computes in float get their
+    weights as float constants in the session (``fold_float_weights``); the file is left as exported."""
 
     def __init__(self, path: str | Path, provider_names: list[str] | None = None, threads: int | None = None):
+        import onnx
         import onnxruntime as ort
 
         path = Path(path)
@@ -206,7 +272,9 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.inference = ort.InferenceSession(str(path), options, providers=provider_names or providers())
+        graph = onnx.load(str(path))
+        fold_float_weights(graph.graph)
+        self.inference = ort.InferenceSession(graph.SerializeToString(), options, providers=provider_names or providers())
         self.input_names = [i.name for i in self.inference.get_inputs()]
         self.output_names = [o.name for o in self.inference.get_outputs()]
         self.calls, self.seconds = 0, 0.0  # runs and the time spent in them
