@@ -87,26 +87,36 @@ def test_tiny_resnet_at_4bit_activations_clips_to_the_grid_and_matches(tmp_path)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
 
 
-def test_runner_gives_float_layers_constant_weights_and_the_same_outputs(tmp_path):
-    model = quantize_model(tiny_resnet(), image_batches(), QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=0, num_samples=16),
-                           progress=False)
+@pytest.mark.parametrize("n_bits_w", [4, 8])
+def test_runner_gives_float_layers_constant_weights_and_the_same_outputs(tmp_path, n_bits_w):
+    """4-bit weights: symmetric, their convolutions stay QLinearConv, the others (before a residual
+    add) fold; 8-bit: asymmetric, every convolution folds and ORT must not quantize them again."""
+    model = quantize_model(tiny_resnet(), image_batches(), QDropConfig(n_bits_w=n_bits_w, n_bits_a=8, iters_w=0,
+                                                                       num_samples=16), progress=False)
     x = image_batches()[0].contiguous()
     path = export_onnx(model, tmp_path, x)
     graph = onnx.load(str(path))
     convs = sum(n.op_type == "Conv" for n in graph.graph.node)
-    assert 0 < fold_float_weights(graph.graph) < convs  # the stem and the convolutions before a residual add
+    folded, without = fold_float_weights(graph.graph)
     onnx.save(graph, str(tmp_path / "folded.onnx"))
 
-    def run(file):
+    def run(file, without=()):
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"optimized-{file.name}")
-        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(without))
         ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
         return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], ops["QLinearConv"]
 
-    (exported, fused), (folded, fused_after) = run(path), run(tmp_path / "folded.onnx")
-    assert fused_after == fused > 0  # no float weight left where ORT would quantize it again on a grid of its own
-    assert np.abs(folded - exported).max() <= 1e-3 * np.abs(exported).max()
+    (exported, fused), (out, fused_after) = run(path), run(tmp_path / "folded.onnx", without)
+    if n_bits_w == 4:
+        assert 0 < folded < convs and not without  # the stem's 8-bit weights and the convolutions before an add
+        assert fused_after == fused > 0
+    else:
+        assert folded == convs + 1 and without == ["WeightBiasQuantization"]  # and the classifier
+        assert fused > 0 and fused_after == 0  # no float weight quantized again on a grid of ORT's own
+    ref = logits(model, x).numpy()
+    assert np.abs(out - ref).max() <= np.abs(exported - ref).max() + 1e-3 * np.abs(ref).max()
 
 
 def test_real_minilm_sst2_exports_and_agrees_with_pytorch(tmp_path):

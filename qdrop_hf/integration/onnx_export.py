@@ -14,11 +14,13 @@ The graph holds what the quantized model is, not a float approximation of it:
   step and zero point.
 
 Every width sits in an 8-bit container: 2- to 8-bit codes are exact ``int8`` values, and the Clip
-keeps a sub-8-bit activation (``uint8``) on its own grid. ONNX Runtime's integer kernels take 8-bit operands: it
-fuses each DequantizeLinear → MatMul of a Linear layer into ``MatMulIntegerToFloat``. Convolutions are
-not fused (their outputs are not requantized before a residual add, and their bias is float), so a
-convolutional graph runs its convolutions in float on weights it dequantizes at each run. int4 types
-(opset 21) would halve the file at 4 bits but run only through weight-only kernels.
+keeps a sub-8-bit activation (``uint8``) on its own grid. ONNX Runtime's integer kernels take 8-bit
+operands: it fuses each DequantizeLinear → MatMul of a Linear layer into ``MatMulIntegerToFloat``
+and each convolution between a DequantizeLinear input and a QuantizeLinear output into
+``QLinearConv`` (fast with symmetric weights: 7 bits and fewer). A convolution whose output is not
+requantized (before a residual add) stays float; ``OnnxModel`` gives it its weight as a float
+constant (``fold_float_weights``). int4 types (opset 21) would halve the file at 4 bits but run only
+through weight-only kernels.
 
 ``optimum-onnx`` (``ORTModelFor*``) pins transformers below 5, so it cannot load these folders beside
 the transformers this package needs; ``OnnxModel`` is the small runner that takes its place: it
@@ -203,16 +205,22 @@ def providers() -> list[str]:
     return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + ["CPUExecutionProvider"]
 
 
-def fold_float_weights(graph) -> int:
-    """Replace by float initializers the weight DequantizeLinear nodes of the layers ONNX Runtime runs
-    in float anyway; returns how many. A convolution becomes ``QLinearConv`` only between a
-    DequantizeLinear input and a QuantizeLinear output (a Relu or Clip between them allowed), a MatMul or
-    Gemm becomes ``MatMulIntegerToFloat`` only on a DequantizeLinear input. Every other one computes
-    in float on its dequantized weight, and ORT prepacks (reorders for its blocked kernels) only
-    constant weights: fed by a DequantizeLinear at each run, a convolution ran up to 2x slower than
-    the float model's. The values are the same, so the outputs are too. (A float weight between a
-    DequantizeLinear input and a QuantizeLinear output is not an option: ORT would quantize it
-    again, per tensor, with a grid of its own.)"""
+def fold_float_weights(graph) -> tuple[int, list[str]]:
+    """Replace by float initializers the weight DequantizeLinear nodes of the layers ONNX Runtime has
+    no fast integer kernel for; returns how many, and the ORT optimizers the session must go without.
+
+    A MatMul or Gemm becomes ``MatMulIntegerToFloat`` on a DequantizeLinear input, a convolution
+    ``QLinearConv`` between a DequantizeLinear input and a QuantizeLinear output (a Relu or Clip
+    between them allowed). Every other layer computes in float on its dequantized weight, and ORT
+    prepacks (reorders for its blocked kernels) constant weights only: fed by a DequantizeLinear at
+    each run, ResNet-20's convolutions ran up to 2x slower than the float model's. ``QLinearConv`` is
+    fast with symmetric weights only (zero points 0: every weight of 7 bits or fewer, see
+    ``_dequantize_linear``); with asymmetric 8-bit ones EfficientNet-Lite0 ran 35x slower than float.
+    Where no convolution has symmetric weights, these are folded too and the session is made without
+    ``WeightBiasQuantization``, which would quantize a float weight between QDQ pairs again, per
+    tensor, on a grid of its own (and which also makes the int32 bias that the symmetric ones need
+    for ``QLinearConv``). The values are the same, so are the outputs: closer to PyTorch's, in fact,
+    than QLinearConv's, which adds its bias as int32 and rounds its output once."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -229,32 +237,37 @@ def fold_float_weights(graph) -> int:
             after = consumers.get(after[0].output[0], [])
         return bool(after) and all(n.op_type == "QuantizeLinear" for n in after)
 
-    def integer(node) -> bool:
-        from_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
-        return from_dq and (node.op_type != "Conv" or quantized_after(node.output[0]))
+    def symmetric(dq) -> bool:
+        return len(dq.input) < 3 or not dq.input[2] or not numpy_helper.to_array(inits[dq.input[2]]).any()
 
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+    layers = []  # (node, its weight's DequantizeLinear, "float" | "integer" | "requantizing")
+    for node in graph.node:
+        dq = producer.get(node.input[1]) if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input if i):
             continue
-        dq = producer.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input if i) or integer(node):
-            continue
+        from_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
+        if not from_dq or node.op_type == "Conv" and not quantized_after(node.output[0]):
+            layers.append((node, dq, "float"))
+        elif node.op_type != "Conv":
+            layers.append((node, dq, "integer"))
+        else:
+            layers.append((node, dq, "integer" if symmetric(dq) else "requantizing"))
+    symmetric_convs = any(kind == "integer" and node.op_type == "Conv" for node, _, kind in layers)
+    fold = [dq for _, dq, kind in layers if kind == "float" or kind == "requantizing" and not symmetric_convs]
+    for dq in fold:
         codes, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
         zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
         shape = [1] * codes.ndim
         if scale.ndim:
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-            shape[axis] = -1
+            shape[next((a.i for a in dq.attribute if a.name == "axis"), 1)] = -1
         weight = (codes.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.reshape(shape)
-        name = dq.output[0]
         graph.node.remove(dq)
-        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
-        folded += 1
+        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), dq.output[0]))
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for init in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(init)
-    return folded
+    requantizing = any(kind == "requantizing" for _, _, kind in layers) and not symmetric_convs
+    return len(fold), ["WeightBiasQuantization"] if requantizing else []
 
 
 class OnnxModel:
@@ -273,8 +286,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         graph = onnx.load(str(path))
-        fold_float_weights(graph.graph)
-        self.inference = ort.InferenceSession(graph.SerializeToString(), options, providers=provider_names or providers())
+        _, without = fold_float_weights(graph.graph)
+        self.inference = ort.InferenceSession(graph.SerializeToString(), options, providers=provider_names or providers(),
+                                              disabled_optimizers=without)
         self.input_names = [i.name for i in self.inference.get_inputs()]
         self.output_names = [o.name for o in self.inference.get_outputs()]
         self.calls, self.seconds = 0, 0.0  # runs and the time spent in them

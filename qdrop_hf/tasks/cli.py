@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..checkpoint import Checkpoint, ResumeError
 from ..config import REFERENCE_SWITCHES, QDropConfig, QDropConfigError, RuntimeConfig
 from ..families import UnsupportedModelError
 from ..integration.hub import push_to_hub
-from ..integration.onnx_export import ONNX_DIR, ExportError, OnnxModel, export_onnx
+from ..integration.onnx_export import ExportError, OnnxModel, export_onnx
 from ..integration.serialization import save_quantized
 from ..quantize import quantize_model
 
@@ -111,21 +110,13 @@ def quantize_evaluate_save(out: Path, results: dict, model, calibration, config:
     model, measured = quantize_and_evaluate(model, calibration, config, runtime, evaluate, run_args.skip_fp_eval,
                                             checkpoint)
     results.update(measured)
-    onnx_stage = None
-    if run_args.export_onnx and distributed.is_main():
-        onnx_stage = Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
-        results["onnx"] = export_and_evaluate(model, onnx_stage, calibration, preprocessor, evaluate)
 
     def save(folder: Path) -> None:
+        if run_args.export_onnx:
+            results["onnx"] = export_and_evaluate(model, folder, calibration, preprocessor, evaluate)
         save_quantized(model, preprocessor, folder, results, calibration=calibration_note)
-        if onnx_stage is not None:
-            os.replace(onnx_stage / ONNX_DIR, folder / ONNX_DIR)
 
-    try:
-        write_outputs(out, results, save)
-    finally:
-        if onnx_stage is not None:
-            shutil.rmtree(onnx_stage, ignore_errors=True)
+    write_outputs(out, results, save)
     checkpoint.clear()
     run_args.push(out)
 
@@ -229,9 +220,10 @@ def run_checkpoint(out: Path, arguments: dict) -> Checkpoint:
 
 
 def write_outputs(out: Path, results: dict, save_model) -> None:
-    """``results.json`` and ``save_model(folder)`` into a staging folder, then its files moved into
-    ``out``. A failure on the way (disk full, read-only or vanished folder) leaves ``out`` as it was
-    and is reported as one line. Only the main process writes."""
+    """``save_model(folder)`` (which may add to ``results``), then ``results.json``, into a staging
+    folder, then its files moved into ``out``. A failure on the way (disk full, read-only or vanished
+    folder, a failed export) leaves ``out`` as it was; a failed write is reported as one line. Only
+    the main process writes."""
     if not distributed.is_main():
         return
     created = not out.exists()
@@ -239,13 +231,17 @@ def write_outputs(out: Path, results: dict, save_model) -> None:
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        (staging / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
         save_model(staging)
+        (staging / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
         for path in staging.iterdir():
+            if path.is_dir() and (out / path.name).is_dir():
+                shutil.rmtree(out / path.name)  # a folder of an earlier run (onnx/): replaced whole
             os.replace(path, out / path.name)
         staging.rmdir()
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
-        raise UserError(f"could not write the results to {out}: {err.strerror or err}") from err
+        if isinstance(err, OSError):
+            raise UserError(f"could not write the results to {out}: {err.strerror or err}") from err
+        raise
