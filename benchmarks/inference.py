@@ -7,13 +7,16 @@ each bit width, saved and reloaded as a user gets it; the rounding does not chan
 in PyTorch eager and exported to ONNX Runtime (CPU provider, as many threads as torch), at batch 1
 and 32. Prints per model and batch size the latency per batch of the four (median of alternating
 rounds) and the ratios quantized / float; per model the bytes the quantized layers hold against
-float, the saved safetensors and the ONNX files. The CPU's int8 features are printed first.
+float, the saved safetensors and the ONNX files, and how often ONNX Runtime's top class is PyTorch's
+beside how often PyTorch's own two paths agree (int8 GEMM and dequantized weights: the same
+function, another summation order). The CPU's int8 features are printed first.
 
     python benchmarks/inference.py [--models minilm resnet20 efficientnet_lite0] [--bits W8A8 W4A8] [--rounds 5]   (needs the onnx extra)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -132,6 +135,16 @@ def agreement(model, runner, batches) -> float:
     return same / total
 
 
+def dequantizing_twin(model):
+    """A copy of the quantized model whose Linear layers dequantize their codes instead of running on
+    the int8 GEMM: the same function, summed in another order, to tell rounding ties from errors."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if getattr(m, "int8_gemm", None) is not None:
+            m.int8_gemm = None
+    return twin
+
+
 def rss() -> int:
     return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("VmRSS"))
@@ -177,18 +190,21 @@ def main():
                     f, q, of, oq = (statistics.median(t) / len(batches) * 1e3 for t in times)
                     if batch_size == 32:
                         agree = agreement(quant, ort_q, batches)
+                        agree_twin = agreement(quant, dequantizing_twin(quant), batches)
                     print(f"| {name} | {bits} | {batch_size} | {f:.2f} | {q:.2f} | {q / f:.3f} | {of:.2f} | {oq:.2f} "
                           f"| {oq / of:.3f} | {items / len(batches) / oq * 1e3:.1f} |", flush=True)
                 sizes.append((name, bits, layer_bytes(quant), float_layer_bytes(fp, names),
                               (folder / "model.safetensors").stat().st_size, (fp_folder / "model.safetensors").stat().st_size,
-                              q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss, agree))
+                              q_onnx.stat().st_size, fp_onnx.stat().st_size, ort_q_rss, ort_fp_rss, agree, agree_twin))
     print("\n| model | W/A | quantized layers in memory / float | model.safetensors / float "
-          "| ONNX file / float ONNX | ORT resident memory, quantized / float | ORT predictions = PyTorch's |")
-    print("|---|---|---|---|---|---|---|")
-    for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss, agree in sizes:
+          "| ONNX file / float ONNX | ORT resident memory, quantized / float | ORT predictions = PyTorch's "
+          "| PyTorch dequantizing = PyTorch int8 GEMM |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, bits, held, fl, folder, fp_file, q_onnx, fp_onnx, q_rss, f_rss, agree, twin in sizes:
         print(f"| {name} | {bits} | {held / 1e6:.2f} / {fl / 1e6:.2f} MB = {held / fl:.3f} | {folder / 1e6:.2f} / "
               f"{fp_file / 1e6:.2f} MB = {folder / fp_file:.3f} | {q_onnx / 1e6:.2f} / {fp_onnx / 1e6:.2f} MB = "
-              f"{q_onnx / fp_onnx:.3f} | {q_rss / 1e6:.1f} / {f_rss / 1e6:.1f} MB | {100 * agree:.2f}% |")
+              f"{q_onnx / fp_onnx:.3f} | {q_rss / 1e6:.1f} / {f_rss / 1e6:.1f} MB | {100 * agree:.2f}% "
+              f"| {100 * twin:.2f}% |")
 
 
 def ort_version() -> str:
