@@ -207,7 +207,7 @@ def providers() -> list[str]:
 
 def fold_float_weights(graph) -> tuple[int, list[str]]:
     """Replace by float initializers the weight DequantizeLinear nodes of the layers ONNX Runtime has
-    no fast integer kernel for; returns how many, and the ORT optimizers the session must go without.
+    no fast integer kernel for; returns how many, and the ORT optimizers the InferenceSession must go without.
 
     A MatMul or Gemm becomes ``MatMulIntegerToFloat`` on a DequantizeLinear input, a convolution
     ``QLinearConv`` between a DequantizeLinear input and a QuantizeLinear output (a Relu or Clip
@@ -216,7 +216,7 @@ def fold_float_weights(graph) -> tuple[int, list[str]]:
     each run, ResNet-20's convolutions ran up to 2x slower than the float model's. ``QLinearConv`` is
     fast with symmetric weights only (zero points 0: every weight of 7 bits or fewer, see
     ``_dequantize_linear``); with asymmetric 8-bit ones EfficientNet-Lite0 ran 35x slower than float.
-    Where no convolution has symmetric weights, these are folded too and the session is made without
+    Where no convolution has symmetric weights, these are folded too and the InferenceSession is made without
     ``WeightBiasQuantization``, which would quantize a float weight between QDQ pairs again, per
     tensor, on a grid of its own (and which also makes the int32 bias that the symmetric ones need
     for ``QLinearConv``). The values are the same, so are the outputs: closer to PyTorch's, in fact,
@@ -274,7 +274,7 @@ class OnnxModel:
     """An exported folder run by ONNX Runtime, called as the scripts call a torch model: keyword
     tensors (``model(**batch)``) or one image tensor; returns an object with the graph's outputs
     (``.logits``, ``.start_logits``...) as torch tensors. Layers that ORT computes in float get their
-    weights as float constants in the session (``fold_float_weights``); the file is left as exported."""
+    weights as float constants in the InferenceSession (``fold_float_weights``); the file is left as exported."""
 
     def __init__(self, path: str | Path, provider_names: list[str] | None = None, threads: int | None = None):
         import onnx
