@@ -267,8 +267,8 @@ class WeightQuantizer(nn.Module):
         return self.scale.numel() > 0
 
     @property
-    def hardened(self) -> bool:
-        return self.codes.numel() > 0
+    def hardened(self) -> bool:  # a kernel holding the codes means they are final: no unpacking to tell
+        return self.codes_source is not None or self.codes.numel() > 0
 
     def _shape(self, weight: torch.Tensor) -> list[int]:
         shape = [1] * weight.dim()
