@@ -124,14 +124,15 @@ def float_copy(name: str, tmp: Path):
 
 
 def agreement(model, runner, batches) -> float:
-    """The share of items whose top class is the same from the PyTorch model and the ONNX Runtime one."""
+    """The share of items whose top class is the same from two runners (PyTorch and ONNX Runtime, or two PyTorch paths)."""
     same = total = 0
     with torch.no_grad():
         for b in batches:
             ref = model(**b) if isinstance(b, dict) else model(b)
             out = runner(**b) if isinstance(b, dict) else runner(b)
-            same += int((getattr(ref, "logits", ref).argmax(-1) == out.logits.argmax(-1)).sum())
-            total += len(out.logits)
+            ref, out = getattr(ref, "logits", ref), getattr(out, "logits", out)
+            same += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            total += len(out)
     return same / total
 
 

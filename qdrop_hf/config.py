@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 ORDERS = ("before", "after", "together")
 RANGE_MODES = ("mse", "minmax")
+ACT_RANGE_MODES = RANGE_MODES + ("tokenwise",)
+KEEP_8BIT_ROLES = ("ffn_act", "attention")
 DEPTHWISE_RANGES = ("weight", "output")
 INPUT_DROPS = ("float", "unquantized")
 CACHE_DTYPES = ("float16", "bfloat16")
@@ -103,7 +105,14 @@ class QDropConfig:
     b_start: float = field(default=20.0, metadata={"help": "rounding-loss beta at the start of annealing"})
     b_end: float = field(default=2.0, metadata={"help": "rounding-loss beta at the end of annealing"})
     init_wmode: str = field(default="mse", metadata={"help": "weight range initialisation: mse|minmax"})
-    init_amode: str = field(default="mse", metadata={"help": "activation range initialisation: mse|minmax"})
+    init_amode: str = field(default="mse", metadata={
+        "help": "activation range initialisation: mse|minmax|tokenwise (ranges from quantiles of the per-token "
+                "extremes, not set by a few outlier tokens)"})
+    outlier_migration: bool | None = field(default=None, metadata={
+        "help": "scale outlier channels of the FFN activation into the next Linear layer before quantizing "
+                "(default: on for transformer families when n_bits_a <= 6)"})
+    keep_8bit: list[str] = field(default_factory=list, metadata={
+        "help": f"activation roles kept at 8 bits: {', '.join(KEEP_8BIT_ROLES)}"})
     disable_8bit_head_stem: bool = field(default=False, metadata={"help": "quantize stem and head like the body, not at 8 bits"})
     seed: int = field(default=1005, metadata={"help": "random seed (calibration sampling, drop masks)"})
     keep_fp_modules: list[str] = field(default_factory=list, metadata={
@@ -130,9 +139,14 @@ class QDropConfig:
             bad("bias_correction", "True, False, or None for the default")
         if self.depthwise_range not in (None,) + DEPTHWISE_RANGES:
             bad("depthwise_range", f"choose one of {DEPTHWISE_RANGES}, or None for the model family's default")
-        for name in ("init_wmode", "init_amode"):
-            if getattr(self, name) not in RANGE_MODES:
-                bad(name, f"choose one of {RANGE_MODES}")
+        if self.init_wmode not in RANGE_MODES:
+            bad("init_wmode", f"choose one of {RANGE_MODES}")
+        if self.init_amode not in ACT_RANGE_MODES:
+            bad("init_amode", f"choose one of {ACT_RANGE_MODES}")
+        if self.outlier_migration not in (None, True, False):
+            bad("outlier_migration", "True, False, or None for the default")
+        if not isinstance(self.keep_8bit, (list, tuple)) or any(r not in KEEP_8BIT_ROLES for r in self.keep_8bit):
+            bad("keep_8bit", f"a list of roles from {KEEP_8BIT_ROLES}")
         if self.iters_w < 0:
             bad("iters_w", "must be >= 0 (0 means round-to-nearest, no reconstruction)")
         for name in ("batch_size", "num_samples"):

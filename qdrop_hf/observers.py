@@ -134,9 +134,11 @@ class PatchMoments:
 
 
 class ActivationObserver:
-    """Collects what an activation quantizer sees during calibration: exact min/max and a subsample."""
+    """Collects what an activation quantizer sees during calibration: exact min/max and a subsample
+    (with ``tokens``, each token's min/max too)."""
 
-    def __init__(self, max_samples: int = 1 << 20, per_call: int = 1 << 16, generator: torch.Generator | None = None):
+    def __init__(self, max_samples: int = 1 << 20, per_call: int = 1 << 16, generator: torch.Generator | None = None,
+                 tokens: bool = False):
         self.max_samples = max_samples
         self.per_call = per_call
         self.generator = generator
@@ -144,6 +146,10 @@ class ActivationObserver:
         self.hi = None
         self.samples: list[torch.Tensor] = []
         self.count = 0
+        self.tokens = tokens  # also record each token's extremes (rows of the last dimension)
+        self.token_lo: list[torch.Tensor] = []
+        self.token_hi: list[torch.Tensor] = []
+        self.token_rows: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -153,6 +159,17 @@ class ActivationObserver:
         if not torch.isfinite(flat).all():
             raise CalibrationDataError("the float model's activations are NaN/inf on the calibration data (an activation "
                                        "outside every block): check the model and the inputs")
+        if self.tokens and self.token_rows and x.shape[-1] != self.token_rows[0].shape[1]:
+            # rows of varying length (attention probabilities): not tokens; the L_p search instead
+            self.tokens, self.token_lo, self.token_hi, self.token_rows = False, [], [], []
+        if self.tokens and x.dim() >= 2:  # each token's extremes, and a sample of whole tokens
+            tokens = x.detach().reshape(-1, x.shape[-1]).float()
+            self.token_lo.append(tokens.amin(1).cpu())
+            self.token_hi.append(tokens.amax(1).cpu())
+            keep = max(1, self.per_call // tokens.shape[1])
+            if tokens.shape[0] > keep:
+                tokens = tokens[torch.randint(0, tokens.shape[0], (keep,), device=tokens.device, generator=self._gen(tokens))]
+            self.token_rows.append(tokens.cpu())
         lo, hi = flat.min(), flat.max()
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
@@ -173,5 +190,34 @@ class ActivationObserver:
         if self.lo is None:
             raise RuntimeError("activation observer saw no data")
         values = torch.cat(self.samples + [self.lo.reshape(1).cpu(), self.hi.reshape(1).cpu()])
-        scale, zp = search_range(values[None, :], n_bits, mode, p=p)
+        if mode == "tokenwise" and self.token_hi:
+            rows = torch.cat(self.token_rows)[-MAX_TOKEN_ROWS:]
+            return search_token_range(rows, torch.cat(self.token_lo), torch.cat(self.token_hi), n_bits, p)
+        scale, zp = search_range(values[None, :], n_bits, "minmax" if mode == "minmax" else "mse", p=p)
         return scale[0], zp[0]
+
+
+# Token-wise candidates: the range's ends at these quantiles of the tokens' own maxima (and minima).
+_TOKEN_QUANTILES = [1.0, 0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+MAX_TOKEN_ROWS = 8192  # sampled whole tokens the token-wise error is measured on
+
+
+def search_token_range(rows: torch.Tensor, token_lo: torch.Tensor, token_hi: torch.Tensor, n_bits: int, p: float):
+    """Token-wise clipping (after Outlier Suppression, Wei et al. 2022, its coarse stage): in a
+    transformer the largest values sit in a few tokens ([CLS], [SEP], punctuation), and an error
+    summed over values is set by those tokens, so the L_p search keeps a range wide enough for them
+    and leaves every other token a level or two. Here each token counts alike: the error is the mean
+    over sampled tokens (``rows``, [T, C]) of each token's L_p quantization error relative to its own
+    L_p size. Candidates: the ranges ending at the ``a``-quantiles of the tokens' maxima and the
+    ``1 - a``-quantiles of their minima, and the L_p search's shrunk global ranges."""
+    size = rows.abs().pow(p).sum(1).clamp(min=_EPS)
+    lo_all, hi_all = token_lo.min(), token_hi.max()
+    candidates = [(torch.quantile(token_lo, 1 - a), torch.quantile(token_hi, a)) for a in _TOKEN_QUANTILES]
+    candidates += [(lo_all * r, hi_all * r) for r in _RATIOS]
+    best, best_err = None, float("inf")
+    for lo, hi in candidates:
+        scale, zp = affine_params(lo, hi, n_bits)
+        err = float(((fake_quantize(rows, scale, zp, n_bits) - rows).abs_().pow_(p).sum(1) / size).mean())
+        if err < best_err:
+            best, best_err = (scale, zp), err
+    return best

@@ -170,7 +170,21 @@ def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, 
     plan = QuantPlan(family, units, free)
     if not config.disable_8bit_head_stem:
         _eight_bit_stem_and_head(plan)
+    for q in role_quantizers(model, family, config.keep_8bit):
+        q.set_bits(8)
     return plan
+
+
+def role_quantizers(model: nn.Module, family: Family, roles) -> list[ActQuantizer]:
+    """The activation quantizers of the named roles (``QDropConfig.keep_8bit``): ``ffn_act``, the FFN
+    activation (``Family.ffn_act``); ``attention``, the Q, K, V, probabilities and context."""
+    found = []
+    for name, module in model.named_modules():
+        if "ffn_act" in roles and family.ffn_act is not None and re.search(family.ffn_act[0], name):
+            found += [q for q in (getattr(module, "qdrop_in", None), getattr(module, "qdrop_out", None)) if q is not None]
+        if "attention" in roles and isinstance(module, AttentionQuantizers):
+            found += list(module.children())
+    return found
 
 
 def _eight_bit_stem_and_head(plan: QuantPlan) -> None:

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, migration
 from .batches import batch_len, run_model, take_batches, to_channels_last
 from .cache import BlockCache
 from .checkpoint import Checkpoint
+from .clamps import skip_redundant_clamps
 from .config import QDropConfig, RuntimeConfig
 from .families import Family
 from .integration.hf_quantizer import attach as attach_hf_quantizer
@@ -101,7 +102,11 @@ def prepare(model: nn.Module, calibration_data: Iterable, config: QDropConfig, r
         batches = [to_channels_last(b) for b in batches]
     plan = prepare_model(model, config, batches[0], device, family)
     correct_bias = plan.family.bias_correction if config.bias_correction is None else config.bias_correction
-    return Run(model, config, runtime, device, batches, plan, ActCalibration.for_config(config), correct_bias)
+    run = Run(model, config, runtime, device, batches, plan, ActCalibration.for_config(config), correct_bias)
+    if migration.wanted(config, plan.family):
+        run.report["outlier_migration"] = migration.migrate_ffn_outliers(model, plan.family, run.act_batches, device,
+                                                                         config.seed)
+    return run
 
 
 def init_ranges(run: Run) -> None:
@@ -217,6 +222,7 @@ def finish(run: Run) -> None:
     release_float_weights(run.model)
     run.model.qdrop_input_quantizers = link_input_quantizers(run.model, run.batches[0], run.device)
     use_integer_kernels(run.model, run.model.qdrop_input_quantizers)
+    skip_redundant_clamps(run.model)
 
 
 class ActCalibration:

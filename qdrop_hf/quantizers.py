@@ -344,7 +344,12 @@ class WeightQuantizer(nn.Module):
         self.codes = torch.clamp(torch.round(w / self.scale) + self.zero_point, 0, self.qmax).to(torch.uint8)
 
     def dequantized(self) -> torch.Tensor:
-        return (self.codes.float() - self.zero_point) * self.scale
+        """The float weight from the codes (one fused pass on CPU: ``csrc`` ``dequantize``)."""
+        codes = self.codes
+        native = _native() if codes.device.type == "cpu" and (self.ch_axis == 0 or not self.channel_wise) else None
+        if native is not None and codes.is_contiguous() and codes.dim() > 0:
+            return native.dequantize(codes, self.scale, self.zero_point)
+        return (codes.float() - self.zero_point) * self.scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not self.initialized:
@@ -373,6 +378,9 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("initialized", torch.tensor(False))
+        # outlier migration (``qdrop_hf.migration``): the input's last dimension divided by this, per
+        # channel, before anything else, quantizer on or off: the consumer's weight holds the inverse
+        self.register_buffer("channel_scale", None)
         self.export_grid: tuple = None  # while exporting to ONNX: (step, zero point), or () when off
 
     @property
@@ -394,8 +402,13 @@ class ActQuantizer(nn.Module):
         q = torch.ops.quantized_decomposed.quantize_per_tensor(x, step, zero_point, 0, 255, torch.uint8)
         return torch.ops.quantized_decomposed.dequantize_per_tensor(q, step, zero_point, 0, 255, torch.uint8)
 
-    def observe(self, generator: torch.Generator | None = None) -> None:
-        self.observer = ActivationObserver(generator=generator)
+    def observe(self, generator: torch.Generator | None = None, tokens: bool = False) -> None:
+        self.observer = ActivationObserver(generator=generator, tokens=tokens)
+
+    @torch.no_grad()
+    def migrate(self, scale: torch.Tensor) -> None:
+        """Divide the input's channels by ``scale`` from now on (the consumer multiplies them back)."""
+        self.channel_scale = scale.detach().float().to(self.zero_point.device)
 
     @torch.no_grad()
     def finish_observing(self, mode: str = "mse") -> None:
@@ -406,6 +419,8 @@ class ActQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_scale is not None:
+            x = x / self.channel_scale.to(x.dtype)
         if self.export_grid is not None:  # exporting: () for a quantizer that is off
             return self.exported(x) if self.export_grid else x
         if self.observer is not None:
@@ -416,7 +431,7 @@ class ActQuantizer(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
             drop = self.drop_masks(x, _mask_dtype(x)) if self.drop_masks is not None else None
             return _fake_quant(x, self.scale, self.zero_point, self.n_bits, drop)
-        return self.quantize(x, self.drop_masks)  # nothing to differentiate
+        return self._quantize(x, self.drop_masks)  # nothing to differentiate
 
     @property
     def active(self) -> bool:
@@ -428,6 +443,9 @@ class ActQuantizer(nn.Module):
         """``x`` fake-quantized with the current (fixed) step, kept as ``x`` where ``drop_masks`` drops:
         the forward with no gradient, also used to drop this quantizer from outside its own unit
         (``BlockCache.input_quantizer``)."""
+        return self._quantize(x, drop_masks)
+
+    def _quantize(self, x: torch.Tensor, drop_masks: DropMasks | None) -> torch.Tensor:
         drop = drop_masks(x, _mask_dtype(x)) if drop_masks is not None else None
         return _KERNELS["forward"](x, self.scale, self.zero_point, self.n_bits, drop)
 

@@ -251,7 +251,7 @@ def observe_input_means(unit: Unit, cache: BlockCache) -> None:
 def observe(quantizers: list[ActQuantizer], feed, mode: str, generator=None) -> None:
     """Initialise activation ranges: observers record while ``feed()`` runs forward passes, then search."""
     for q in quantizers:
-        q.observe(generator)
+        q.observe(generator, tokens=mode == "tokenwise")
     try:
         feed()
     finally:

@@ -335,6 +335,27 @@ def test_fused_adaround_kernels_match_torch_ops(march):
         torch.testing.assert_close(dalpha.double(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("march", MARCHES)
+def test_fused_dequantize_gives_the_torch_op_weight(march):
+    """The one-pass weight of each build is the eager ``(codes - zp) * s`` bit for bit, per output
+    channel (conv and Linear shapes, over several parallel chunks) and per tensor; a finished
+    quantizer's ``dequantized`` is it."""
+    kernels = kernels_for(march)
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(1280, 320, 1, 1), (96, 1, 3, 3), (77, 301)]:
+        codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
+        per_channel = [shape[0]] + [1] * (len(shape) - 1)
+        for scale_shape in (per_channel, [1] * len(shape)):
+            scale = torch.rand(scale_shape, generator=gen) * 0.1
+            zp = torch.randint(0, 16, scale_shape, generator=gen).float()
+            assert torch.equal(kernels.dequantize(codes, scale, zp), (codes.float() - zp) * scale)
+    wq = WeightQuantizer(4)
+    weight = torch.randn(64, 48, generator=gen)
+    wq.init_range(weight)
+    wq.harden(weight)
+    assert torch.equal(wq.dequantized(), (wq.codes.float() - wq.zero_point) * wq.scale)
+
+
 def test_fused_kernels_take_strided_inputs_and_leave_half_precision_to_eager():
     """A strided activation (attention's heads) and a bfloat16 one quantize to the eager values."""
     q, x = fitted_act()

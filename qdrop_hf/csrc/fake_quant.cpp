@@ -9,6 +9,7 @@
 //   some thirty small ops per layer per iteration (mostly call overhead on a small conv). Their
 //   sigmoid and power use the polynomial exp/log below: within a few 1e-7 of torch's.
 // - QDrop's mixing of a block's input, and the three operations as C++ autograd nodes.
+// - A finished layer's weight from its one-byte codes (dequantize).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <bit>
@@ -300,6 +301,34 @@ struct FakeQuantNode : public torch::autograd::Function<FakeQuantNode> {
   }
 };
 
+// w = (codes - zp) * s, per output channel (axis 0) or per tensor: a finished layer's float weight
+// from its one-byte codes in one pass, where the torch ops take three with two temporaries. A layer
+// without an integer kernel makes its weight so at each forward (EfficientNet-Lite0 at batch 1: 49
+// convolutions, 4.6M weights, 4 ms a forward on 2 cores in torch ops). The same float operations as
+// the eager (codes.float() - zp) * s, so the same values.
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() >= 1,
+              "codes must be a contiguous uint8 CPU tensor");
+  const auto s = scale.to(at::kFloat).contiguous(), z = zero_point.to(at::kFloat).contiguous();
+  const int64_t rows = codes.size(0), cols = rows ? codes.numel() / rows : 0;
+  TORCH_CHECK(s.numel() == z.numel() && (s.numel() == 1 || s.numel() == rows),
+              "one scale and zero point per tensor or per output channel (axis 0)");
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float *sp = s.data_ptr<float>(), *zp = z.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const bool per_row = s.numel() > 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float sr = sp[per_row ? r : 0], zr = zp[per_row ? r : 0];
+      const uint8_t* cr = c + r * cols;
+      float* orow = o + r * cols;
+      for (int64_t k = 0; k < cols; ++k) orow[k] = (static_cast<float>(cr[k]) - zr) * sr;
+    }
+  });
+  return out;
+}
+
 struct SoftWeightNode : public torch::autograd::Function<SoftWeightNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& alpha, const at::Tensor& base, const at::Tensor& step) {
     const auto a = alpha.contiguous(), st = step.contiguous();
@@ -336,6 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rounding_loss_node", [](const at::Tensor& alpha, double beta) { return RoundingLossNode::apply(alpha, beta); },
         "AdaRound rounding loss, as an autograd node");
   m.def("mix", &mix, "QDrop input mixing");
+  m.def("dequantize", &dequantize, "a weight from its codes, per output channel");
   m.def("forward", &fq_forward, "fake-quantize forward");
   m.def("backward", &fq_backward, "fake-quantize backward");
   m.def("soft_weight", &soft_weight, "AdaRound soft weight");

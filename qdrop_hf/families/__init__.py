@@ -36,6 +36,10 @@ class Family:
     bias_correction: what ``QDropConfig.bias_correction=None`` means (``nn.BiasCorrection``): on
     for the networks built of depthwise convolutions (MobileNetV2, MNasNet, EfficientNet-Lite).
     depthwise_range: what ``QDropConfig.depthwise_range=None`` means: ``"output"`` for those networks.
+    ffn_act: where the FFN activation of a transformer is quantized, as ``(pattern, consumer)``: the
+    modules matching ``pattern`` hold its quantizer (``qdrop_out``, or ``qdrop_in``), and
+    ``re.sub(pattern, consumer, name)`` names the Linear layer that reads it. Outlier migration
+    (``qdrop_hf.migration``) and ``keep_8bit=["ffn_act"]`` act there; None: the family has none.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Family:
     act_range_p: float = 2.0
     bias_correction: bool = False
     depthwise_range: str = "weight"
+    ffn_act: tuple[str, str] | None = None
 
 
 def matches(spec: Matcher, name: str, module: nn.Module) -> bool:

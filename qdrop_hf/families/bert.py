@@ -17,6 +17,7 @@ register_family(Family(
     act_outputs=r"(embeddings|embeddings_project|attention\.output|intermediate|encoder\.layer\.\d+|pooler)$",
     act_inputs=r"classifier\.out_proj$",
     attention=r"attention\.self$",
+    ffn_act=(r"intermediate$", "output.dense"),
 ))
 
 register_family(Family(
@@ -27,4 +28,5 @@ register_family(Family(
     act_outputs=r"(embeddings|sa_layer_norm|transformer\.layer\.\d+)$",
     act_inputs=r"(ffn\.lin2|(^|\.)classifier)$",
     attention=r"transformer\.layer\.\d+\.attention$",
+    ffn_act=(r"ffn\.lin2$", "ffn.lin2"),
 ))

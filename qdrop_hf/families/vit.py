@@ -15,4 +15,5 @@ register_family(Family(
     act_outputs=r"(layernorm_before|layernorm_after|(vit|deit)\.layernorm)$",
     act_inputs=r"mlp\.fc2$",
     attention=r"(layers|layer)\.\d+\.attention$",
+    ffn_act=(r"mlp\.fc2$", "mlp.fc2"),
 ))

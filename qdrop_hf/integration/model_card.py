@@ -35,6 +35,7 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
         f"| drop probabilities | prob={cfg.prob}, input_prob={cfg.input_prob} (dropped input: {cfg.input_drop}) |",
         f"| reconstruction | order={cfg.order}, {cfg.iters_w} iterations/block, batch {cfg.batch_size} |",
         f"| calibration | {calibration or f'{cfg.num_samples} samples'} |",
+        *_outlier_rows(model),
         f"| folder size | {folder_size(folder) / 1e6:.1f} MB |",
     ]
     if results and "quant" in results:
@@ -51,3 +52,16 @@ def model_card(model, results: dict | None, calibration: str | None, folder: Pat
     lines += ["", "## Loading", "", "```python", "import qdrop_hf  # registers quant_method 'qdrop' with transformers",
               *load, "```", ""]
     return "\n".join(lines)
+
+
+def _outlier_rows(model) -> list[str]:
+    """Rows on outlier migration (where it ran) and the activation roles kept at 8 bits."""
+    rows = []
+    migrated = (getattr(model, "qdrop_report", None) or {}).get("outlier_migration")
+    if migrated is not None:
+        largest = max(migrated.values(), default=1.0)
+        rows.append(f"| outlier migration | FFN activation scaled into the next layer in {len(migrated)} blocks "
+                    f"(largest channel scale {largest:.1f}) |")
+    if model.qdrop_config.keep_8bit:
+        rows.append(f"| kept at 8 bits | {', '.join(model.qdrop_config.keep_8bit)} |")
+    return rows

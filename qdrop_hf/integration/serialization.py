@@ -23,6 +23,7 @@ from ..config import QDropConfig
 from ..families import find_family
 from ..nn import QuantLayer, release_float_weights
 from .packing import pack_codes, unpack_codes
+from ..clamps import skip_redundant_clamps
 from ..integer_linear import use_integer_kernels
 from ..plan import install_quantizers, set_quant_state
 from ..quantizers import ActQuantizer, WeightQuantizer
@@ -119,12 +120,14 @@ def install_saved_quantizers(model: nn.Module, qconfig: QDropConfig, bits: dict[
 
 def finish_loading(model: nn.Module, qconfig: QDropConfig, state: dict[str, torch.Tensor],
                    input_quantizers: dict[str, str]) -> None:
-    """Load the saved tensors (packed codes included), switch the quantizers on as saved and put the
-    Linear layers fed by an activation quantizer on the int8 GEMM."""
+    """Load the saved tensors (packed codes included), switch the quantizers on as saved, put the
+    Linear layers fed by an activation quantizer on the int8 GEMM and skip the clamps the quantizers
+    make redundant (``clamps``)."""
     load_tensors(model, dict(model.named_modules()), state)
     set_quant_state(model, weights=True, acts=qconfig.act_quant)
     model.qdrop_config, model.qdrop_input_quantizers = qconfig, dict(input_quantizers)
     use_integer_kernels(model, model.qdrop_input_quantizers)
+    skip_redundant_clamps(model)
 
 
 @torch.no_grad()
