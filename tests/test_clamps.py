@@ -28,6 +28,7 @@ def calls(module):
 def test_a_clamp_the_grid_makes_redundant_is_skipped_with_the_same_output():
     x = torch.randn(2, 8, 5, 5) * 4
     for relu, step, skipped in [(nn.ReLU6(), 0.35, True),   # 15 x 0.35 = 5.25 <= 6
+                                (nn.ReLU6(), 6 / 15, True),  # 6 on the top code (15 x step a rounding off 6)
                                 (nn.ReLU6(), 0.5, False),   # 7.5 > 6: ReLU6 clips first
                                 (nn.ReLU(), 0.5, True)]:
         module = quantized_relu(relu, step, 0.0)
