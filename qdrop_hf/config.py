@@ -64,6 +64,13 @@ class QDropConfig:
     directly feeds a block (the first one after the embeddings of a model whose embedding output is
     not quantized, say), its input is mixed with the float value either way.
 
+    ``outlier_migration`` scales the few outlier channels of a transformer's FFN activation down
+    into the Linear layer that reads it before any range is set (``qdrop_hf.migration``; Outlier
+    Suppression+'s scaling, an addition to the method); ``None``: on for families that declare an
+    FFN activation when ``n_bits_a <= 6``. ``init_amode="tokenwise"`` sets activation ranges so that
+    every token's relative error counts alike (``observers.search_token_range``). ``keep_8bit``
+    names activation roles left at 8 bits whatever ``n_bits_a`` is: ``ffn_act``, ``attention``.
+
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
 

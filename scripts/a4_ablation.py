@@ -1,5 +1,6 @@
 """Which 4-bit activations cost MiniLM-L6-SST2 the most? W8A4 round-to-nearest, with each group of
-activation quantizers removed in turn (by narrowing the BERT family's activation points).
+activation quantizers removed in turn (by narrowing the BERT family's activation points), without and
+with outlier migration of the FFN activation.
 
     python scripts/a4_ablation.py      # prints SST-2 validation accuracy per variant
 """
@@ -46,12 +47,16 @@ def main():
         "attention (Q/K/V/probs/context) float": dataclasses.replace(base, attention=None),
         "FFN activation (GELU output) float": dataclasses.replace(
             base, act_outputs=r"(embeddings|embeddings_project|attention\.output|encoder\.layer\.\d+|pooler)$"),
+        "LayerNorm outputs (attention and layer outputs) float": dataclasses.replace(
+            base, act_outputs=r"(embeddings|embeddings_project|intermediate|pooler)$"),
     }
-    for name, family in variants.items():
-        model = AutoModelForSequenceClassification.from_pretrained(MODEL)
-        config = QDropConfig(n_bits_w=8, n_bits_a=4, iters_w=0, num_samples=256)
-        quantize_model(model, batches(calib_rows, 32), config, family=family, progress=False)
-        print(f"W8A4 RTN, {name:40s} accuracy {accuracy(model) * 100:.2f}", flush=True)
+    for migration in (False, True):
+        for name, family in variants.items():
+            model = AutoModelForSequenceClassification.from_pretrained(MODEL)
+            config = QDropConfig(n_bits_w=8, n_bits_a=4, iters_w=0, num_samples=256, outlier_migration=migration)
+            quantize_model(model, batches(calib_rows, 32), config, family=family, progress=False)
+            print(f"W8A4 RTN, outlier migration {'on ' if migration else 'off'}, {name:55s} accuracy "
+                  f"{accuracy(model) * 100:.2f}", flush=True)
 
 
 if __name__ == "__main__":
