@@ -28,7 +28,7 @@ from .batches import run_model, token_mask
 from .families import Family
 from .nn import QuantLinear
 from .observers import fake_quantize, search_range
-from .plan import set_quant_state
+from .plan import ffn_act_quantizers, set_quant_state
 from .quantizers import ActQuantizer
 
 logger = logging.getLogger("qdrop_hf")
@@ -39,17 +39,11 @@ THRESHOLDS = [0.5 ** (k / 4) for k in range(25)]  # t / max m: 1 down to 1/64, f
 
 def ffn_activations(model: nn.Module, family: Family) -> list[tuple[str, ActQuantizer, QuantLinear]]:
     """``(name, quantizer, consumer)`` of every FFN activation the family declares."""
-    if family.ffn_act is None:
-        return []
-    pattern, consumer = family.ffn_act
     modules = dict(model.named_modules())
     found = []
-    for name, module in modules.items():
-        if not re.search(pattern, name):
-            continue
-        q = getattr(module, "qdrop_in", None) or getattr(module, "qdrop_out", None)
-        layer = modules.get(re.sub(pattern, consumer, name))
-        if isinstance(q, ActQuantizer) and isinstance(layer, QuantLinear):
+    for name, q in ffn_act_quantizers(model, family):
+        layer = modules.get(re.sub(*family.ffn_act, name))
+        if isinstance(layer, QuantLinear):
             found.append((name, q, layer))
     return found
 

@@ -175,15 +175,26 @@ def prepare_model(model: nn.Module, config: QDropConfig, example_batch, device, 
     return plan
 
 
+def ffn_act_quantizers(model: nn.Module, family: Family) -> list[tuple[str, ActQuantizer]]:
+    """``(module name, quantizer)`` of every FFN activation (``Family.ffn_act``): the matching
+    module's input quantizer, or its output quantizer."""
+    if family.ffn_act is None:
+        return []
+    found = []
+    for name, module in model.named_modules():
+        if re.search(family.ffn_act[0], name):
+            q = getattr(module, "qdrop_in", None) or getattr(module, "qdrop_out", None)
+            if isinstance(q, ActQuantizer):
+                found.append((name, q))
+    return found
+
+
 def role_quantizers(model: nn.Module, family: Family, roles) -> list[ActQuantizer]:
     """The activation quantizers of the named roles (``QDropConfig.keep_8bit``): ``ffn_act``, the FFN
     activation (``Family.ffn_act``); ``attention``, the Q, K, V, probabilities and context."""
-    found = []
-    for name, module in model.named_modules():
-        if "ffn_act" in roles and family.ffn_act is not None and re.search(family.ffn_act[0], name):
-            found += [q for q in (getattr(module, "qdrop_in", None), getattr(module, "qdrop_out", None)) if q is not None]
-        if "attention" in roles and isinstance(module, AttentionQuantizers):
-            found += list(module.children())
+    found = [q for _, q in ffn_act_quantizers(model, family)] if "ffn_act" in roles else []
+    if "attention" in roles:
+        found += [q for m in model.modules() if isinstance(m, AttentionQuantizers) for q in m.children()]
     return found
 
 
