@@ -16,6 +16,7 @@ ORDERS = ("before", "after", "together")
 RANGE_MODES = ("mse", "minmax")
 ACT_RANGE_MODES = RANGE_MODES + ("tokenwise",)
 KEEP_8BIT_ROLES = ("ffn_act", "attention")
+MIGRATION_PARTS = ("layernorm", "ffn_act")
 DEPTHWISE_RANGES = ("weight", "output")
 INPUT_DROPS = ("float", "unquantized")
 CACHE_DTYPES = ("float16", "bfloat16")
@@ -64,12 +65,14 @@ class QDropConfig:
     directly feeds a block (the first one after the embeddings of a model whose embedding output is
     not quantized, say), its input is mixed with the float value either way.
 
-    ``outlier_migration`` scales the few outlier channels of a transformer's FFN activation down
-    into the Linear layer that reads it before any range is set (``qdrop_hf.migration``; Outlier
-    Suppression+'s scaling, an addition to the method); ``None``: on for families that declare an
-    FFN activation when ``n_bits_a <= 6``. ``init_amode="tokenwise"`` sets activation ranges so that
-    every token's relative error counts alike (``observers.search_token_range``). ``keep_8bit``
-    names activation roles left at 8 bits whatever ``n_bits_a`` is: ``ffn_act``, ``attention``.
+    ``outlier_migration`` moves the few outlier channels of a transformer's LayerNorm outputs and
+    FFN activation into the Linear layers that read them before any range is set
+    (``qdrop_hf.migration``; Outlier Suppression+'s shifting and scaling, an addition to the
+    method); ``None``: on for families that declare such places when ``n_bits_a <= 6``. ``migrate``
+    names the parts it acts on: ``layernorm``, ``ffn_act``. ``init_amode="tokenwise"`` sets
+    activation ranges so that every token's relative error counts alike
+    (``observers.search_token_range``). ``keep_8bit`` names activation roles left at 8 bits
+    whatever ``n_bits_a`` is: ``ffn_act``, ``attention``.
 
     ``round_lr`` (AdaRound's learning rate) defaults to one that fits the iteration budget
     (``rounding_lr``): 0.1 up to 500 iterations, 2.5e-3 at the method's 20k.
@@ -116,8 +119,11 @@ class QDropConfig:
         "help": "activation range initialisation: mse|minmax|tokenwise (ranges from quantiles of the per-token "
                 "extremes, not set by a few outlier tokens)"})
     outlier_migration: bool | None = field(default=None, metadata={
-        "help": "scale outlier channels of the FFN activation into the next Linear layer before quantizing "
+        "help": "shift and scale outlier channels of LayerNorm outputs and the FFN activation into the Linear "
+                "layers reading them before quantizing "
                 "(default: on for transformer families when n_bits_a <= 6)"})
+    migrate: list[str] = field(default_factory=lambda: list(MIGRATION_PARTS), metadata={
+        "help": f"what outlier migration acts on: {', '.join(MIGRATION_PARTS)}"})
     keep_8bit: list[str] = field(default_factory=list, metadata={
         "help": f"activation roles kept at 8 bits: {', '.join(KEEP_8BIT_ROLES)}"})
     disable_8bit_head_stem: bool = field(default=False, metadata={"help": "quantize stem and head like the body, not at 8 bits"})
@@ -152,6 +158,8 @@ class QDropConfig:
             bad("init_amode", f"choose one of {ACT_RANGE_MODES}")
         if self.outlier_migration not in (None, True, False):
             bad("outlier_migration", "True, False, or None for the default")
+        if not isinstance(self.migrate, (list, tuple)) or any(p not in MIGRATION_PARTS for p in self.migrate):
+            bad("migrate", f"a list of parts from {MIGRATION_PARTS}")
         if not isinstance(self.keep_8bit, (list, tuple)) or any(r not in KEEP_8BIT_ROLES for r in self.keep_8bit):
             bad("keep_8bit", f"a list of roles from {KEEP_8BIT_ROLES}")
         if self.iters_w < 0:

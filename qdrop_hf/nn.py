@@ -191,6 +191,28 @@ def replace_layers(model: nn.Module, n_bits: int, channel_wise: bool, skip=lambd
     return replaced
 
 
+class RescaledLayerNorm(nn.LayerNorm):
+    """A LayerNorm of ``x * input_scale`` (a plain one while ``input_scale`` is None).
+
+    Outlier migration divides a post-LN block's LayerNorm output by a per-channel scale, folded into
+    that LayerNorm, for the Linear layers that read it (``migration.migrate_layernorm_outputs``).
+    The residual adds the same scaled tensor back before the next LayerNorm; the branch added to it
+    is scaled alike, so the sum reaches this LayerNorm divided by the scale, which it takes back
+    here. No weight can hold it: a LayerNorm is not equivariant to a per-channel scale."""
+
+    @classmethod
+    def make(cls, layer: nn.LayerNorm) -> None:
+        """Turn ``layer`` into one in place (its parameters, hooks and place in the model kept)."""
+        if type(layer) is nn.LayerNorm:
+            layer.__class__ = cls
+            layer.register_buffer("input_scale", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        return super().forward(x)
+
+
 class AttentionQuantizers(nn.Module):
     """The five activation quantizers of one attention: Q, K, V, probabilities and context."""
 

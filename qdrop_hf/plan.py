@@ -15,7 +15,7 @@ from torch import nn
 from .batches import run_model
 from .config import QDropConfig
 from .families import Family, find_family, matches
-from .nn import AttentionQuantizers, QuantLayer, register_attention, replace_layers
+from .nn import AttentionQuantizers, QuantLayer, RescaledLayerNorm, register_attention, replace_layers
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -84,6 +84,11 @@ def install_quantizers(model: nn.Module, family: Family, config: QDropConfig) ->
     if has_attention:
         register_attention()
         model.set_attn_implementation("qdrop")
+    if family.layernorm_sites is not None:  # where outlier migration may scale a residual back
+        modules = dict(model.named_modules())
+        for site in family.layernorm_sites(model):
+            if site.residual is not None and isinstance(modules.get(site.residual[1]), nn.LayerNorm):
+                RescaledLayerNorm.make(modules[site.residual[1]])
 
 
 def _find_units(model: nn.Module, family: Family) -> list[Unit]:

@@ -104,8 +104,8 @@ def prepare(model: nn.Module, calibration_data: Iterable, config: QDropConfig, r
     correct_bias = plan.family.bias_correction if config.bias_correction is None else config.bias_correction
     run = Run(model, config, runtime, device, batches, plan, ActCalibration.for_config(config), correct_bias)
     if migration.wanted(config, plan.family):
-        run.report["outlier_migration"] = migration.migrate_ffn_outliers(model, plan.family, run.act_batches, device,
-                                                                         config.seed)
+        run.report["outlier_migration"] = migration.migrate(model, plan.family, run.act_batches, device,
+                                                            config.migrate, config.seed)
     return run
 
 

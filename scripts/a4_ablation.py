@@ -1,9 +1,10 @@
 """Which 4-bit activations cost MiniLM-L6-SST2 the most? W8A4 round-to-nearest, with each group of
-activation quantizers removed in turn (by narrowing the BERT family's activation points), without and
-with outlier migration of the FFN activation.
+activation quantizers removed in turn (by narrowing the BERT family's activation points), without
+outlier migration, with the FFN activation's, and with the LayerNorm outputs' too.
 
-    python scripts/a4_ablation.py      # prints SST-2 validation accuracy per variant
+    python scripts/a4_ablation.py [--migration off ffn all]   # SST-2 validation accuracy per variant
 """
+import argparse
 import dataclasses
 import random
 import sys
@@ -19,6 +20,8 @@ from qdrop_hf.families import find_family  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 MODEL = DATA / "models" / "minilm-l6-sst2"
+MIGRATION = {"off": dict(outlier_migration=False), "ffn": dict(outlier_migration=True, migrate=["ffn_act"]),
+             "all": dict(outlier_migration=True, migrate=["layernorm", "ffn_act"])}
 
 
 def read_tsv(path):
@@ -26,6 +29,9 @@ def read_tsv(path):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--migration", nargs="+", default=list(MIGRATION), choices=list(MIGRATION))
+    args = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(MODEL)
     calib_rows = random.Random(0).sample(read_tsv(DATA / "glue/sst2/train.tsv"), 256)
     val = read_tsv(DATA / "glue/sst2/validation.tsv")
@@ -50,12 +56,12 @@ def main():
         "LayerNorm outputs (attention and layer outputs) float": dataclasses.replace(
             base, act_outputs=r"(embeddings|embeddings_project|intermediate|pooler)$"),
     }
-    for migration in (False, True):
+    for migration in args.migration:
         for name, family in variants.items():
             model = AutoModelForSequenceClassification.from_pretrained(MODEL)
-            config = QDropConfig(n_bits_w=8, n_bits_a=4, iters_w=0, num_samples=256, outlier_migration=migration)
+            config = QDropConfig(n_bits_w=8, n_bits_a=4, iters_w=0, num_samples=256, **MIGRATION[migration])
             quantize_model(model, batches(calib_rows, 32), config, family=family, progress=False)
-            print(f"W8A4 RTN, outlier migration {'on ' if migration else 'off'}, {name:55s} accuracy "
+            print(f"W8A4 RTN, outlier migration {migration:3s}, {name:55s} accuracy "
                   f"{accuracy(model) * 100:.2f}", flush=True)
 
 

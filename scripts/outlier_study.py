@@ -22,6 +22,7 @@ DATA = ROOT.parent / "shared" / "data"
 MODEL = DATA / "models" / "minilm-l6-sst2"
 ARMS = {
     "no migration": dict(outlier_migration=False),
+    "FFN activation migrated": dict(outlier_migration=True, migrate=["ffn_act"]),
     "migration": dict(outlier_migration=True),
     "migration + token-wise ranges": dict(outlier_migration=True, init_amode="tokenwise"),
     "migration + FFN activation 8-bit": dict(outlier_migration=True, keep_8bit=["ffn_act"]),

@@ -40,6 +40,8 @@ class Family:
     modules matching ``pattern`` hold its quantizer (``qdrop_out``, or ``qdrop_in``), and
     ``re.sub(pattern, consumer, name)`` names the Linear layer that reads it. Outlier migration
     (``qdrop_hf.migration``) and ``keep_8bit=["ffn_act"]`` act there; None: the family has none.
+    layernorm_sites: ``model -> [LayerNormSite]``, the quantized LayerNorm outputs that outlier
+    migration may shift and scale into the Linear layers reading them; None: none.
     """
 
     name: str
@@ -55,6 +57,23 @@ class Family:
     bias_correction: bool = False
     depthwise_range: str = "weight"
     ffn_act: tuple[str, str] | None = None
+    layernorm_sites: Callable[[nn.Module], list["LayerNormSite"]] | None = None
+
+
+@dataclass(frozen=True)
+class LayerNormSite:
+    """One quantized LayerNorm output and where it goes, by module name.
+
+    quantizer: the module whose ``qdrop_out`` (or ``qdrop_in``) quantizes it. layernorm: the
+    LayerNorm that computes it. consumers: the Linear layers that read it. residual: in a post-LN
+    block the same tensor is also added back further on, as ``layernorm2(branch_end(...) + it)``:
+    ``(branch_end, layernorm2)`` then, None where nothing but the consumers reads it (pre-LN).
+    """
+
+    quantizer: str
+    layernorm: str
+    consumers: tuple[str, ...]
+    residual: tuple[str, str] | None = None
 
 
 def matches(spec: Matcher, name: str, module: nn.Module) -> bool:

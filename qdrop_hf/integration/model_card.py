@@ -59,8 +59,10 @@ def _outlier_rows(model) -> list[str]:
     rows = []
     migrated = (getattr(model, "qdrop_report", None) or {}).get("outlier_migration")
     if migrated is not None:
-        largest = max(migrated.values(), default=1.0)
-        rows.append(f"| outlier migration | FFN activation scaled into the next layer in {len(migrated)} blocks "
+        places = {"layernorm": "LayerNorm outputs", "ffn_act": "FFN activations"}
+        done = [f"{len(migrated[part])} {what}" for part, what in places.items() if part in migrated]
+        largest = max((v for part in migrated.values() for v in part.values()), default=1.0)
+        rows.append(f"| outlier migration | into the Linear layers reading them: {', '.join(done) or 'none'} "
                     f"(largest channel scale {largest:.1f}) |")
     if model.qdrop_config.keep_8bit:
         rows.append(f"| kept at 8 bits | {', '.join(model.qdrop_config.keep_8bit)} |")

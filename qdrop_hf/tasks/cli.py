@@ -98,7 +98,7 @@ def quantize_and_evaluate(model, calibration, config: QDropConfig, runtime: Runt
     logger.info("W%dA%s: %s", config.n_bits_w, config.n_bits_a if config.act_quant else "32", results["quant"])
     results["time_s"] = times
     results["blocks"] = model.qdrop_report["units"]
-    if "outlier_migration" in model.qdrop_report:  # {FFN activation: largest channel scale}
+    if "outlier_migration" in model.qdrop_report:  # {part: {place: largest channel scale}}
         results["outlier_migration"] = model.qdrop_report["outlier_migration"]
     return model, results
 
