@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# The suite without its slow tests (about 7 minutes on 2 CPU cores); test-slow runs the rest.
+# The suite without its slow tests (about 11 minutes on 2 CPU cores); test-slow runs the rest.
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
