@@ -196,7 +196,8 @@ def search_migration(x: torch.Tensor, weight: torch.Tensor, n_bits_a: int, n_bit
     centre = (x.amax(0) + x.amin(0)) / 2 if shift else none[0]
     sample = torch.randint(0, x.numel(), (min(x.numel(), 1 << 16),), generator=generator)
     peak = (x - centre).abs().amax(0).clamp(min=1e-8)
-    candidates = [none] + [(centre, (peak / (peak.max() * ratio)).clamp(min=1.0)) for ratio in THRESHOLDS]
+    candidates = [none] + [(centre, (peak / (peak.max() * ratio)).clamp(min=1.0))
+                           for ratio in THRESHOLDS if shift or ratio < 1]  # unshifted, ratio 1 is none
     best, best_err, reference = none, float("inf"), {}
     for z, s in candidates:
         xs, ws = (x - z) / s, weight * s

@@ -26,6 +26,7 @@ def _vit_sites(model) -> list[LayerNormSite]:
                     sites.append(LayerNormSite(ln, ln, tuple(f"{layer}.{c}" for c in readers)))
     return sites
 
+
 register_family(Family(
     name="vit",
     model_types=("vit", "deit"),
