@@ -88,10 +88,11 @@ def run_all(model, batches) -> float:
 
 def layer_bytes(model) -> int:
     """The quantized layers' tensors, plus the int8 GEMM's packed weight (one byte a weight, the only
-    copy of the codes) where a Linear layer has one."""
+    copy of the codes) where a Linear layer or 1x1 convolution has one."""
     held = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLayer)
                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *m.weight_quantizer.buffers()])
-    return held + sum(m.in_features * m.out_features for m in model.modules() if getattr(m, "int8_gemm", None))
+    return held + sum(m.in_features * m.out_features if isinstance(m, torch.nn.Linear) else m.in_channels * m.out_channels
+                      for m in model.modules() if getattr(m, "int8_gemm", None))
 
 
 def float_layer_bytes(model, names: set[str]) -> int:

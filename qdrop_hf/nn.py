@@ -74,6 +74,17 @@ class BiasCorrection:
         self._buffers.pop("weight", None)
         self._non_persistent_buffers_set.discard("weight")
 
+    int8_gemm = None  # (packed int8 weight, input step, input zero point): see qdrop_hf.integer_linear
+
+    def on_int8_gemm(self, x: torch.Tensor) -> bool:
+        return self.int8_gemm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and self.export_weight is None
+
+    def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T + bias`` over the last dimension on fbgemm's int8 GEMM: ``x`` quantized on its
+        quantizer's grid (where it already lies), int32 accumulation, float output."""
+        packed, step, zero_point = self.int8_gemm
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, step, zero_point, packed)
+
     def corrected_bias(self, weight_q: torch.Tensor) -> torch.Tensor | None:
         if self.bias is None or weight_q is self.weight:  # the quantizer is off: the float layer
             return self.bias
@@ -103,15 +114,12 @@ class QuantLinear(BiasCorrection, nn.Linear):
         q.weight_quantizer = WeightQuantizer(n_bits, channel_wise, ch_axis=0)
         return q
 
-    int8_gemm = None  # (packed int8 weight, input step, input zero point): see qdrop_hf.integer_linear
-
     def mean_shift(self, delta: torch.Tensor) -> torch.Tensor:
         return delta @ self.input_mean.to(delta.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_gemm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and self.export_weight is None:
-            packed, step, zero_point = self.int8_gemm
-            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, step, zero_point, packed)
+        if self.on_int8_gemm(x):
+            return self.int8_matmul(x)
         return F.linear(x, *self.weight_and_bias())
 
 
@@ -137,7 +145,16 @@ class QuantConv2d(BiasCorrection, nn.Conv2d):
         mean = self.input_mean.to(delta.dtype).view(g, -1, 1)
         return torch.bmm(per_input.view(g, -1, per_input.shape[1]), mean).view(-1)
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution with stride 1, no padding and one group: a Linear over the channels of
+        each pixel, which the int8 GEMM computes on the channels-last view of its input."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding in ((0, 0), "valid"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and self.on_int8_gemm(x):  # NCHW -> NHWC (a view when x is channels-last) and back
+            return self.int8_matmul(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self._conv_forward(x, *self.weight_and_bias())
 
 

@@ -1,4 +1,4 @@
-"""Quantized Linear layers on the int8 GEMM: which activation quantizer feeds each, the same logits as
+"""Quantized Linear layers on the int8 GEMM (and 1x1 convolutions): which activation quantizer feeds each, the same logits as
 the dequantizing path, kept through save → reload, and 8-bit weights left off it without VNNI."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from conftest import text_batches, tiny_bert
 from qdrop_hf import QDropConfig, quantize_model
 from qdrop_hf import integer_linear
-from qdrop_hf.nn import QuantLinear
+from qdrop_hf.nn import QuantConv2d, QuantLinear
 
 pytestmark = pytest.mark.skipif(not integer_linear.available(), reason="torch without fbgemm")
 
@@ -68,3 +68,38 @@ def test_without_vnni_only_weights_of_at_most_7_bits_use_the_int8_gemm(monkeypat
     assert body and all(m.int8_gemm is None for m in body)  # uint8 x int8 pairs would saturate int16
     body = [m for n, m in quantized(n_bits_w=4).named_modules() if isinstance(m, QuantLinear) and "encoder" in n]
     assert all(m.int8_gemm is not None for m in body)
+
+
+def test_pointwise_convolutions_run_on_the_int8_gemm_layer_for_layer_and_survive_reload(tmp_path):
+    from transformers import AutoModelForImageClassification, MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(0)
+    model = MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=5)).eval()
+    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = quantize_model(model, images, QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=8, batch_size=4),
+                           progress=False)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
+    packed = {n for n, m in convs.items() if m.int8_gemm is not None}
+    # every 1x1 convolution (expand, reduce, head) is fed by a quantizer; 3x3 and depthwise ones dequantize
+    assert packed == {n for n, m in convs.items() if m.pointwise} and len(packed) == 1 + 2 * 16 + 1
+
+    errors, layouts = [], []
+
+    def compare(layer, args, out):  # the same layer on the same input through its dequantized weight
+        gemm, layer.int8_gemm = layer.int8_gemm, None
+        ref = layer.forward(args[0])
+        layer.int8_gemm = gemm
+        errors.append(((out - ref).norm() / ref.norm()).item())
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [convs[n].register_forward_hook(compare) for n in packed]
+    with torch.no_grad():
+        logits = model(images[1]).logits
+    for h in hooks:
+        h.remove()
+    assert len(errors) == len(packed) and max(errors) < 1e-5 and all(layouts)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert {n for n, m in reloaded.named_modules() if isinstance(m, QuantConv2d) and m.int8_gemm is not None} == packed
+    with torch.no_grad():
+        assert torch.equal(reloaded(images[1]).logits, logits)
