@@ -7,7 +7,7 @@
     python scripts/reproduce_results.py --budget full OUT      # the method's budgets: hours on a CPU
 
 Each run writes ``OUT/<task>/<run>/results.json``; a run whose results.json exists is not run again,
-so an interrupted call picks up where it stopped. ``--tasks`` runs a subset.
+so an interrupted call picks up where it stopped. ``OUT --tasks lite0 ...`` (after OUT) runs a subset.
 """
 from __future__ import annotations
 
