@@ -72,6 +72,17 @@ def tiny_resnet(seed=0):
     return model
 
 
+def tiny_cnn(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "regnet":
+        return tf.RegNetForImageClassification(tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2],
+                                                               groups_width=4, layer_type="y", num_labels=5)).eval()
+    return tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(depth_multiplier=0.25, image_size=32,
+                                                                     num_labels=5)).eval()
+
+
 def image_batches(n_batches=4, batch=8, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n_batches)]

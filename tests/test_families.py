@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import text_batches
+from conftest import text_batches, tiny_cnn
 from qdrop_hf import QDropConfig, quantize_model
 from qdrop_hf.quantizers import ActQuantizer
 
@@ -53,17 +53,6 @@ def test_vit_family():
     assert bits["vit.layernorm.qdrop_out"] == 8 and bits["vit.layers.0.mlp.fc2.qdrop_in"] == 4
     with torch.no_grad():
         assert torch.isfinite(model(images[0]).logits).all()
-
-
-def tiny_cnn(kind):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if kind == "regnet":
-        return tf.RegNetForImageClassification(tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2],
-                                                               groups_width=4, layer_type="y", num_labels=5)).eval()
-    return tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(depth_multiplier=0.25, image_size=32,
-                                                                     num_labels=5)).eval()
 
 
 @pytest.mark.parametrize("kind,blocks,points", [

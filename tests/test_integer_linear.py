@@ -1,9 +1,10 @@
-"""Quantized Linear layers on the int8 GEMM (and 1x1 convolutions): which activation quantizer feeds each, the same logits as
-the dequantizing path, kept through save → reload, and 8-bit weights left off it without VNNI."""
+"""Quantized Linear layers and 1x1 convolutions on the int8 GEMM: which activation quantizer feeds each,
+the same outputs as the dequantizing path, kept through save → reload, and 8-bit weights left off it
+without VNNI."""
 import pytest
 import torch
 
-from conftest import text_batches, tiny_bert
+from conftest import image_batches, text_batches, tiny_bert, tiny_cnn
 from qdrop_hf import QDropConfig, quantize_model
 from qdrop_hf import integer_linear
 from qdrop_hf.nn import QuantConv2d, QuantLinear
@@ -71,12 +72,10 @@ def test_without_vnni_only_weights_of_at_most_7_bits_use_the_int8_gemm(monkeypat
 
 
 def test_pointwise_convolutions_run_on_the_int8_gemm_layer_for_layer_and_survive_reload(tmp_path):
-    from transformers import AutoModelForImageClassification, MobileNetV2Config, MobileNetV2ForImageClassification
+    from transformers import AutoModelForImageClassification
 
-    torch.manual_seed(0)
-    model = MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=5)).eval()
-    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    model = quantize_model(model, images, QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=8, batch_size=4),
+    images = image_batches(n_batches=2, batch=4)
+    model = quantize_model(tiny_cnn("mobilenet_v2"), images, QDropConfig(n_bits_w=4, n_bits_a=8, iters_w=5, num_samples=8, batch_size=4),
                            progress=False)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
     packed = {n for n, m in convs.items() if m.int8_gemm is not None}
